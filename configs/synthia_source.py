@@ -1,0 +1,21 @@
+"""SYNTHIA source-only pretraining (16 classes), DeepLab-v2 ResNet-101.
+
+    python train.py --config=configs/synthia_source.py --workdir=runs/synthia_source
+
+Needs: TFDS `synthia/1280x760`, `cityscapes/1024x512`, and the converted ImageNet init
+(`pretrained/deeplab_r101_imagenet`, see configs/gta_source.py).
+Expect (paper, Cityscapes val): 40.5 mIoU over 13 classes (`eval/mIoU13`).
+"""
+
+from configs import synthia
+
+
+def get_config():
+  c = synthia.get_config()
+  c.init_checkpoint = "pretrained/deeplab_r101_imagenet"
+  c.train.mode = "source_only"
+  c.train.num_steps = 200_000
+  c.train.stop_step = 80_000
+  c.eval.every_steps = 5000
+  c.train.checkpoint_every_steps = 5000
+  return c

@@ -1,0 +1,169 @@
+"""The config schema shared by every `configs/*.py`, and its validation.
+
+`base_config()` lists every key a run may set, with the paper's GTA5 -> Cityscapes ResNet-101
+values as defaults; each file in `configs/` starts from it and changes what differs.
+`validate_config` rejects unknown keys (typos in a config file) and impossible values, naming
+the key and why, before anything heavy starts.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+BACKBONES = ("resnet101", "vgg16")
+MODES = ("uda", "source_only")
+DTYPES = ("float32", "bfloat16")
+ON_NAN = ("stop", "skip")
+SOURCE_ASSIGNMENTS = ("predictions", "labels")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key of a run. Defaults: GTA5 -> Cityscapes, DeepLab-v2 ResNet-101, paper settings."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_classes = 19
+  # TFDS data directory (None: TFDS's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
+  c.data_dir = config_dict.placeholder(str)
+  # Converted PyTorch checkpoint (data_prep/convert_torch_checkpoint.py) or a udajax workdir
+  # (its best, else latest, checkpoint). "" = random init.
+  c.init_checkpoint = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet101"
+  c.model.stage_blocks = (3, 4, 23, 3)
+  c.model.base_width = 64
+  c.model.vgg_width = 64
+  c.model.aspp_dilations = (6, 12)  # the reference uses only these two ASPP branches
+  c.model.dtype = "float32"
+  c.model.sync_bn = False
+  c.model.remat = False
+
+  c.source = ml_collections.ConfigDict()
+  c.source.name = "gta5"
+  c.source.builder_config = "1280x720"
+  c.source.split = "train"
+  c.source.image_size = (720, 1280)  # (H, W)
+
+  c.target = ml_collections.ConfigDict()
+  c.target.name = "cityscapes"
+  c.target.builder_config = "1024x512"
+  c.target.split = "train"
+  c.target.image_size = (512, 1024)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.name = "cityscapes"
+  c.eval.builder_config = "1024x512"
+  c.eval.split = "validation"
+  c.eval.image_size = (512, 1024)
+  # () = labels at the image size (the reference protocol); (1024, 2048) = full-resolution labels.
+  c.eval.label_size = ()
+  c.eval.label_builder_config = "full"  # where full-resolution labels are read from
+  c.eval.flip = False  # flip test-time augmentation
+  c.eval.batch_size_per_device = 1
+  c.eval.every_steps = 2500
+  c.eval.num_images_to_log = 4
+
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "uda"
+  c.train.lr = 2.5e-4
+  c.train.momentum = 0.9
+  c.train.weight_decay = 5e-4
+  c.train.poly_power = 0.9
+  c.train.head_lr_mult = 10.0
+  c.train.num_steps = 24750  # length of the poly schedule (5 rounds x 2 epochs x 2,475 images)
+  c.train.stop_step = 0  # stop early at this step (0 = run to num_steps)
+  c.train.batch_size_per_device = 1
+  c.train.augment = True
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000
+  c.train.keep_checkpoints = 3
+  c.train.on_nan = "stop"
+  # > 0: first train source-only for this many steps (in workdir/source_only), then adapt from it.
+  c.train.warmup_source_only_steps = 0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_cl = 2e-2
+  c.loss.lambda_or = 2.0
+  c.loss.lambda_sp = 0.5
+  c.loss.lambda_em = 0.1
+  c.loss.iw_ratio = 0.2
+  c.loss.cluster_norm_order = 1
+  c.loss.ortho_temperature = 1.0
+  c.loss.sparsity_rho = 0.5
+  c.loss.sparsity_power = 2.0
+  c.loss.source_assignment = "labels"
+  c.loss.centroid_smoothing = -1.0  # < 0: off; else alpha in [0, 1]
+  return c
+
+
+class ConfigError(ValueError):
+  """A config key is unknown or has an impossible value."""
+
+
+def _check_keys(config, schema, prefix=""):
+  for key in config.keys():
+    name = prefix + key
+    if key not in schema:
+      raise ConfigError(f"config key '{name}' is unknown (known keys here: {sorted(schema.keys())})")
+    value, ref = config[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{name}' must be a group of keys, got {value!r}")
+      _check_keys(value, ref, name + ".")
+
+
+def _size(config, key):
+  v = config
+  for k in key.split("."):
+    v = v[k]
+  if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
+    raise ConfigError(f"config key '{key}' must be (height, width) of positive ints, got {v!r}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first unknown key or impossible value."""
+  _check_keys(config, base_config())
+
+  def need(ok, key, why):
+    if not ok:
+      v = config
+      for k in key.split("."):
+        v = v[k]
+      raise ConfigError(f"config key '{key}' = {v!r}: {why}")
+
+  need(config.num_classes in (19, 16), "num_classes", "must be 19 (GTA5/Cityscapes) or 16 (SYNTHIA)")
+  need(config.model.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}")
+  need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+  need(len(config.model.stage_blocks) == 4 and all(b >= 1 for b in config.model.stage_blocks),
+       "model.stage_blocks", "must be 4 positive block counts")
+  need(config.model.base_width >= 1 and config.model.vgg_width >= 1, "model.base_width",
+       "widths must be positive")
+  need(set(config.model.aspp_dilations) <= {6, 12, 18, 24} and len(config.model.aspp_dilations) >= 1,
+       "model.aspp_dilations", "must be a non-empty subset of (6, 12, 18, 24)")
+  for key in ("source.image_size", "target.image_size", "eval.image_size"):
+    _size(config, key)
+  if tuple(config.eval.label_size):
+    _size(config, "eval.label_size")
+  t = config.train
+  need(t.mode in MODES, "train.mode", f"must be one of {MODES}")
+  need(t.lr > 0, "train.lr", "must be positive")
+  need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+  need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+  need(t.num_steps > 0, "train.num_steps", "must be positive")
+  need(0 <= t.stop_step <= t.num_steps, "train.stop_step", "must be in [0, train.num_steps]")
+  need(t.batch_size_per_device >= 1, "train.batch_size_per_device", "must be >= 1")
+  need(config.eval.batch_size_per_device >= 1, "eval.batch_size_per_device", "must be >= 1")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    need(t[key] >= 1, f"train.{key}", "must be >= 1")
+  need(config.eval.every_steps >= 1, "eval.every_steps", "must be >= 1")
+  need(t.on_nan in ON_NAN, "train.on_nan", f"must be one of {ON_NAN}")
+  need(t.warmup_source_only_steps >= 0, "train.warmup_source_only_steps", "must be >= 0")
+  l = config.loss
+  for key in ("lambda_cl", "lambda_or", "lambda_sp", "lambda_em"):
+    need(l[key] >= 0, f"loss.{key}", "loss weights must be >= 0 (0 removes the term)")
+  need(0 <= l.iw_ratio <= 1, "loss.iw_ratio", "must be in [0, 1]")
+  need(l.cluster_norm_order in (1, 2), "loss.cluster_norm_order", "must be 1 or 2")
+  need(l.ortho_temperature > 0, "loss.ortho_temperature", "must be positive")
+  need(l.source_assignment in SOURCE_ASSIGNMENTS, "loss.source_assignment",
+       f"must be one of {SOURCE_ASSIGNMENTS}")
+  need(l.centroid_smoothing < 0 or l.centroid_smoothing <= 1, "loss.centroid_smoothing",
+       "must be < 0 (off) or in [0, 1]")

@@ -1,0 +1,229 @@
+"""Train state and the per-device UDA train / eval steps (jax, flax, optax only; no TensorFlow).
+
+The steps are written for one device with named-axis collectives and are run under
+`jax.pmap(..., axis_name="batch")`:
+
+* every loss is a *global-batch* loss (sums and counts over all devices, see `udajax.losses`),
+  and each device's gradient w.r.t. its own images is its slice of the single-device gradient;
+  parameter gradients are therefore **summed** (`psum`) over devices, which gives exactly the
+  gradient one device would compute on the whole global batch;
+* BatchNorm running statistics are averaged (`pmean`) over devices after every step, so the
+  state stays replicated (with `config.model.sync_bn` they are equal anyway: BN then normalises
+  with global-batch statistics, exactly like one device on the global batch).
+"""
+
+import functools
+from typing import Any, Callable, Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training import train_state as flax_train_state
+
+from udajax import losses
+from udajax import metrics as metrics_lib
+from udajax import models
+from udajax import ops
+from udajax import optim
+
+AXIS = "batch"
+
+
+class TrainState(flax_train_state.TrainState):
+  """params, opt_state and step (from flax) plus BN statistics, centroid state and an RNG key."""
+  batch_stats: Any = None
+  centroid_state: Any = None
+  rng: Any = None
+
+
+def create_model(config, *, axis_name=AXIS) -> models.DeepLabV2:
+  m = config.model
+  return models.DeepLabV2(
+      num_classes=config.num_classes,
+      backbone=m.backbone,
+      stage_blocks=tuple(m.stage_blocks),
+      base_width=m.base_width,
+      vgg_width=m.vgg_width,
+      aspp_dilations=tuple(m.aspp_dilations),
+      dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+      bn_axis_name=axis_name if m.sync_bn else None,
+      remat=m.remat,
+  )
+
+
+def frozen_prefixes(config):
+  return optim.RESNET_FROZEN_PREFIXES if config.model.backbone == "resnet101" else ()
+
+
+def create_optimizer(config):
+  t = config.train
+  return optim.make_optimizer(
+      learning_rate=t.lr, num_steps=t.num_steps, momentum=t.momentum,
+      weight_decay=t.weight_decay, poly_power=t.poly_power, head_lr_mult=t.head_lr_mult,
+      frozen_prefixes=frozen_prefixes(config))
+
+
+def init_variables(config, rng, image_size=(64, 64)):
+  """Fresh variables of the configured model (shapes do not depend on the image size)."""
+  model = create_model(config, axis_name=None)
+  images = jnp.zeros((1,) + tuple(image_size) + (3,), jnp.float32)
+  return jax.jit(functools.partial(model.init, train=False))(rng, images)
+
+
+def feature_dim(config) -> int:
+  model = create_model(config, axis_name=None)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images)
+  _, feats = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+  return feats.shape[-1]
+
+
+def create_train_state(config, variables, rng) -> TrainState:
+  """A TrainState from model variables (numpy or jax arrays)."""
+  tx, _ = create_optimizer(config)
+  model = create_model(config)
+  centroid_state = None
+  if config.train.mode == "uda" and config.loss.centroid_smoothing >= 0:
+    centroid_state = losses.init_centroid_state(config.num_classes, feature_dim(config))
+  params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx,
+      batch_stats=jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {})),
+      centroid_state=centroid_state, rng=rng)
+
+
+def _softmax(logits):
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _all_finite(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, model,
+               schedule: Callable, axis_name=AXIS):
+  """One optimiser update on one device's share of the global batch.
+
+  Args:
+    state: the (replicated) TrainState.
+    batch: "source_image" (B, Hs, Ws, 3), "source_label" (B, Hs, Ws) int32 and, in UDA mode,
+      "target_image" (B, Ht, Wt, 3).
+  Returns:
+    (new_state, metrics) where metrics holds every loss term (global values), the lr, and
+    "finite" (1.0, or 0.0 when the loss or a gradient was NaN/Inf and the update was not applied).
+  """
+  lc = config.loss
+  uda = config.train.mode == "uda"
+  use_feat = uda and (lc.lambda_cl > 0 or lc.lambda_or > 0 or lc.lambda_sp > 0)
+  use_em = uda and lc.lambda_em > 0
+  smoothing = lc.centroid_smoothing if (use_feat and lc.centroid_smoothing >= 0) else None
+
+  def loss_fn(params):
+    (logits_s, feat_s), mutated = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["source_image"],
+        train=True, mutable=["batch_stats"])
+    terms = {"ce": losses.cross_entropy(logits_s, batch["source_label"], axis_name=axis_name)}
+    total = terms["ce"]
+    centroid_state = state.centroid_state
+    if uda:
+      # The target forward starts from the BN statistics the source forward just updated.
+      (logits_t, feat_t), mutated = state.apply_fn(
+          {"params": params, "batch_stats": mutated["batch_stats"]}, batch["target_image"],
+          train=True, mutable=["batch_stats"])
+      prob_t = _softmax(logits_t)
+      if use_em:
+        terms["em"] = losses.iw_max_square_loss(prob_t, lc.iw_ratio, axis_name=axis_name)
+        total = total + lc.lambda_em * terms["em"]
+      if use_feat:
+        reg = losses.feature_regularization(
+            feat_s.astype(jnp.float32), _softmax(logits_s), feat_t.astype(jnp.float32), prob_t,
+            num_classes=config.num_classes, cluster_norm_order=lc.cluster_norm_order,
+            ortho_temperature=lc.ortho_temperature, sparsity_rho=lc.sparsity_rho,
+            sparsity_power=lc.sparsity_power,
+            source_labels=batch["source_label"] if lc.source_assignment == "labels" else None,
+            axis_name=axis_name, centroid_smoothing=smoothing,
+            centroid_state=state.centroid_state if smoothing is not None else None)
+        if smoothing is not None:
+          centroid_state = reg["centroid_state"]
+        if lc.lambda_cl > 0:
+          for k in ("c_dist", "f_dist_source", "f_dist_target"):
+            terms[k] = reg[k]
+          terms["clustering"] = reg["f_dist_source"] + reg["f_dist_target"] - reg["c_dist"]
+          total = total + lc.lambda_cl * terms["clustering"]
+        if lc.lambda_or > 0:
+          terms["orthogonality"] = reg["ortho_loss"]
+          total = total + lc.lambda_or * terms["orthogonality"]
+        if lc.lambda_sp > 0:
+          terms["sparsity"] = reg["sparse_loss"]
+          total = total + lc.lambda_sp * terms["sparsity"]
+    terms["total"] = total
+    return total, (terms, mutated["batch_stats"], centroid_state)
+
+  (_, (terms, batch_stats, centroid_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.psum(grads, axis_name)
+  batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  finite = jnp.logical_and(_all_finite(terms), _all_finite(grads))
+
+  rng, _ = jax.random.split(state.rng)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                                  centroid_state=centroid_state, rng=rng)
+  # A NaN/Inf step leaves params, optimiser, BN and centroid state untouched (step still advances).
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated,
+                                     state.replace(step=updated.step, rng=rng))
+  out = dict(terms)
+  out["lr"] = schedule(state.step)
+  out["finite"] = finite.astype(jnp.float32)
+  return new_state, out
+
+
+def make_p_train_step(config, model=None, axis_name=AXIS):
+  model = model or create_model(config, axis_name=axis_name)
+  _, schedule = create_optimizer(config)
+  step = functools.partial(train_step, config=config, model=model, schedule=schedule,
+                           axis_name=axis_name)
+  return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+
+
+def predict_logits(model, variables, images, *, flip: bool = False, out_size=None):
+  """Eval-mode logits (B, H, W, C), optionally flip-averaged (softmax mean) and resized.
+
+  With `flip`, returns log of the mean of the softmax of the image and of its mirror image
+  (argmax-equivalent to averaging probabilities). `out_size` upsamples to a label resolution
+  with align_corners bilinear, as the reference upsamples to the label size.
+  """
+  logits, _ = model.apply(variables, images, train=False)
+  logits = logits.astype(jnp.float32)
+  if out_size is not None and tuple(out_size) != logits.shape[1:3]:
+    logits = ops.resize_bilinear_align_corners(logits, tuple(out_size))
+  if not flip:
+    return logits
+  flipped, _ = model.apply(variables, images[:, :, ::-1], train=False)
+  flipped = flipped.astype(jnp.float32)[:, :, ::-1]
+  if out_size is not None and tuple(out_size) != flipped.shape[1:3]:
+    flipped = ops.resize_bilinear_align_corners(flipped, tuple(out_size))
+  return jnp.log(0.5 * (_softmax(logits) + _softmax(flipped)))
+
+
+def eval_step(params, batch_stats, batch, *, model, num_classes: int, flip: bool = False,
+              axis_name=AXIS):
+  """Confusion matrix (C, C) of one batch, summed over devices, and the predictions.
+
+  batch: "image" (B, H, W, 3), "label" (B, Hl, Wl) int32, "mask" (B,) bool.
+  """
+  variables = {"params": params, "batch_stats": batch_stats}
+  logits = predict_logits(model, variables, batch["image"], flip=flip,
+                          out_size=batch["label"].shape[1:3])
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  cm = metrics_lib.confusion_matrix(pred, batch["label"], num_classes, mask=batch["mask"],
+                                    axis_name=axis_name)
+  return cm, pred
+
+
+def make_p_eval_step(config, model=None, axis_name=AXIS):
+  model = model or create_model(config, axis_name=None)
+  step = functools.partial(eval_step, model=model, num_classes=config.num_classes,
+                           flip=config.eval.flip, axis_name=axis_name)
+  return jax.pmap(step, axis_name=axis_name)

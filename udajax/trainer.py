@@ -1,0 +1,371 @@
+"""`train_and_evaluate(config, workdir)`: the training loop (data, pmap steps, logs, checkpoints).
+
+Work directory layout:
+
+    workdir/config.json            the resolved config of the run
+    workdir/checkpoints/<step>/    orbax checkpoints (latest `train.keep_checkpoints` + the best
+                                   by target mIoU); a restarted job resumes from the latest
+    workdir/events.out.tfevents.*  clu metric logs (TensorBoard), written by process 0 only
+    workdir/source_only/           the source-only stage when `train.warmup_source_only_steps` > 0
+"""
+
+import copy
+import functools
+import json
+import os
+import time
+from typing import Dict, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from clu import metric_writers
+from clu import periodic_actions
+
+from udajax import checkpoints as ckpt_lib
+from udajax import configuration
+from udajax import input_pipeline
+from udajax import labels as labels_lib
+from udajax import metrics as metrics_lib
+from udajax import train_step as ts
+from udajax import visualization
+
+BEST_METRIC = "mIoU"
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss term became NaN/Inf and `train.on_nan` is "stop"."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, config, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest `keep_checkpoints` checkpoints plus the best one by target mIoU."""
+  from orbax.checkpoint import checkpoint_managers as cm
+  keep = config.train.keep_checkpoints if config is not None else 3
+  policy = cm.AnyPreservationPolicy([
+      cm.LatestN(n=keep),
+      cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+               keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
+                                         create=not read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def _state_tree(state: ts.TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
+          "step": state.step, "centroid_state": state.centroid_state, "rng": state.rng}
+
+
+def _restore_state(manager, step, state: ts.TrainState) -> ts.TrainState:
+  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+  tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+  return state.replace(**tree)
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_workdir_variables(path: str) -> dict:
+  """params and batch_stats of a udajax workdir's best (else latest) checkpoint, as numpy."""
+  manager = checkpoint_manager(path, None, read_only=True)
+  step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
+  if step is None:
+    raise ckpt_lib.CheckpointError(f"work directory {path} has no checkpoint yet")
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) or hasattr(v, "items"):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
+  """Overlays loaded variables on a fresh init; the classifier head may be absent (kept fresh).
+
+  Raises CheckpointError listing every unexpected key, missing key and shape mismatch: the usual
+  causes are a checkpoint for another backbone/depth or another number of classes.
+  """
+  fresh = flax.core.unfreeze(fresh)
+  problems = []
+  merged = {}
+  for collection in ("params", "batch_stats"):
+    f = _flatten(fresh.get(collection, {}))
+    l = _flatten(loaded.get(collection, {}) or {})
+    head_missing = not any(k[0] == "classifier" for k in l)
+    for key in sorted(set(l) - set(f)):
+      problems.append(f"unexpected {collection}/{'/'.join(key)}")
+    for key, value in f.items():
+      if key not in l:
+        if key[0] == "classifier" and head_missing:
+          continue
+        problems.append(f"missing {collection}/{'/'.join(key)}")
+      elif tuple(np.shape(l[key])) != tuple(np.shape(value)):
+        problems.append(f"shape of {collection}/{'/'.join(key)}: checkpoint {np.shape(l[key])} "
+                        f"vs model {np.shape(value)}")
+    flat = {k: (np.asarray(l[k]) if k in l else value) for k, value in f.items()}
+    merged[collection] = flax.traverse_util.unflatten_dict(flat)
+  if problems:
+    shown = "; ".join(problems[:20]) + (f"; ... ({len(problems)} in all)" if len(problems) > 20 else "")
+    raise ckpt_lib.CheckpointError(
+        f"init checkpoint {source} does not fit the configured model (check config.num_classes and "
+        f"config.model.backbone/stage_blocks/base_width): {shown}")
+  return merged
+
+
+def initial_variables(config, rng) -> dict:
+  fresh = ts.init_variables(config, rng)
+  path = config.init_checkpoint
+  if not path:
+    return fresh
+  path = os.path.abspath(os.path.expanduser(path))
+  loaded = load_workdir_variables(path) if is_workdir(path) else ckpt_lib.load_variables(path)
+  merged = merge_init_variables(fresh, loaded, path)
+  if not any(k == "classifier" for k in (loaded.get("params") or {})):
+    logging.info("init checkpoint %s has no classifier: the ASPP head is initialised fresh", path)
+  return merged
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _local_devices():
+  return jax.local_device_count()
+
+
+def train_batches(config, start_step: int):
+  """Infinite iterator of per-device train batches for the configured mode."""
+  t = config.train
+  common = dict(data_dir=config.data_dir, batch_size_per_device=t.batch_size_per_device,
+                num_local_devices=_local_devices(), num_classes=config.num_classes,
+                start_step=start_step, augment=t.augment)
+  src = input_pipeline.train_iterator(
+      config.source.name, builder_config=config.source.builder_config, split=config.source.split,
+      image_size=tuple(config.source.image_size), seed=config.seed, **common)
+  tgt = None
+  if t.mode == "uda":
+    tgt = input_pipeline.train_iterator(
+        config.target.name, builder_config=config.target.builder_config,
+        split=config.target.split, image_size=tuple(config.target.image_size),
+        seed=config.seed + 1, with_labels=False, **common)
+  while True:
+    s = next(src)
+    batch = {"source_image": s["image"], "source_label": s["label"]}
+    if tgt is not None:
+      batch["target_image"] = next(tgt)["image"]
+    yield batch
+
+
+def eval_batches(config):
+  """Eval batches; every process yields the same number of batches (extra ones fully masked)."""
+  e = config.eval
+  n_dev = _local_devices()
+  label_size = tuple(e.label_size) or None
+  kwargs = dict(builder_config=e.builder_config, split=e.split, data_dir=config.data_dir,
+                image_size=tuple(e.image_size), label_size=label_size,
+                batch_size_per_device=e.batch_size_per_device, num_local_devices=n_dev,
+                num_classes=config.num_classes)
+  total = input_pipeline.num_examples(e.name, e.builder_config, e.split, config.data_dir)
+  per_process = -(-total // jax.process_count())
+  num_batches = -(-per_process // (n_dev * e.batch_size_per_device))
+  it = input_pipeline.eval_iterator(e.name, **kwargs)
+  last = None
+  for _ in range(num_batches):
+    batch = next(it, None)
+    if batch is None:
+      batch = {k: v for k, v in last.items() if k in ("image", "label", "mask")}
+      batch["mask"] = np.zeros_like(batch["mask"])
+    last = batch
+    yield {k: batch[k] for k in ("image", "label", "mask")}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def class_subsets(num_classes: int) -> Dict[str, tuple]:
+  return {"13": labels_lib.SYNTHIA13_OF_16} if num_classes == 16 else {}
+
+
+def evaluate(config, p_eval_step, params, batch_stats, *, num_images: int = 0):
+  """Runs the eval set; returns (summary dict, image panels or None)."""
+  cm = None
+  panels = None
+  for batch in eval_batches(config):
+    batch_cm, pred = p_eval_step(params, batch_stats, batch)
+    cm = batch_cm[0] if cm is None else cm + batch_cm[0]  # accumulated on device
+    if panels is None and num_images > 0:
+      take = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:num_images]
+      panels = visualization.summary_panels(take(batch["image"]), take(batch["label"]),
+                                            take(pred), config.num_classes)
+  if cm is None:
+    raise ValueError(f"eval split {config.eval.name}/{config.eval.builder_config}:{config.eval.split} is empty")
+  summary = metrics_lib.summarize(np.asarray(jax.device_get(cm)),
+                                  labels_lib.class_names(config.num_classes),
+                                  class_subsets(config.num_classes))
+  return summary, panels
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _write_config(config, workdir):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _maybe_warmup_stage(config, workdir) -> Optional[dict]:
+  """Runs the source-only stage first when `train.warmup_source_only_steps` > 0."""
+  steps = config.train.warmup_source_only_steps
+  if config.train.mode != "uda" or steps <= 0:
+    return None
+  sub = copy.deepcopy(config)
+  with sub.unlocked():
+    sub.train.mode = "source_only"
+    sub.train.num_steps = steps
+    sub.train.stop_step = 0
+    sub.train.warmup_source_only_steps = 0
+  src_dir = os.path.join(workdir, "source_only")
+  logging.info("Stage 1/2: source-only training for %d steps in %s", steps, src_dir)
+  result = train_and_evaluate(sub, src_dir)
+  with config.unlocked():
+    config.init_checkpoint = src_dir
+  logging.info("Stage 2/2: adaptation from the source-only model")
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (and periodically evaluates) as configured; returns the final eval summary.
+
+  Resumes from the latest checkpoint in `workdir` when there is one.
+  """
+  configuration.validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  warmup_result = _maybe_warmup_stage(config, workdir)
+  _write_config(config, workdir)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+
+  t = config.train
+  last_step = t.stop_step or t.num_steps
+  manager = checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    # Shapes only: the restore overwrites every value.
+    state = ts.create_train_state(config, ts.init_variables(config, init_rng), state_rng)
+    state = _restore_state(manager, latest, state)
+    logging.info("Resumed from %s at step %d", workdir, int(state.step))
+  else:
+    state = ts.create_train_state(config, initial_variables(config, init_rng), state_rng)
+  start_step = int(state.step)
+
+  if latest is None and jax.process_index() == 0:
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+
+  p_train_step = ts.make_p_train_step(config)
+  p_eval_step = ts.make_p_eval_step(config)
+  rstate = flax.jax_utils.replicate(state)
+  del state
+
+  report = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer,
+                                           every_steps=t.log_every_steps)
+  hooks = [report]
+  summary = None
+  best = None
+  train_metrics = []
+  batches = flax.jax_utils.prefetch_to_device(train_batches(config, start_step), 2)
+  logging.info("Training %s from step %d to %d on %d devices (%d processes)", t.mode, start_step,
+               last_step, jax.device_count(), jax.process_count())
+
+  step = start_step
+  while step < last_step:
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = next(batches)
+      rstate, m = p_train_step(rstate, batch)
+    step += 1
+    m = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], m))
+    if m["finite"] < 1:
+      bad = sorted(k for k, v in m.items() if not np.isfinite(v)) or ["gradient"]
+      msg = f"non-finite loss at step {step}: {', '.join(bad)} (values: " + ", ".join(
+          f"{k}={m[k]}" for k in bad if k in m) + ")"
+      if t.on_nan == "stop":
+        manager.wait_until_finished()
+        raise TrainingDiverged(msg + f"; training stopped, the last good checkpoint is in "
+                               f"{manager.directory} (set train.on_nan='skip' to skip such steps)")
+      logging.warning("%s; update skipped", msg)
+    train_metrics.append(m)
+    for h in hooks:
+      h(step)
+
+    if step % t.log_every_steps == 0 or step == last_step:
+      keys = train_metrics[-1].keys()
+      mean = {f"train/{k}": float(np.nanmean([x[k] for x in train_metrics])) for k in keys
+              if k != "finite"}
+      mean["train/skipped_steps"] = float(sum(1 - x["finite"] for x in train_metrics))
+      writer.write_scalars(step, mean)
+      train_metrics = []
+
+    do_eval = step % config.eval.every_steps == 0 or step == last_step
+    eval_metrics = None
+    if do_eval:
+      with report.timed("eval"):
+        summary, panels = evaluate(config, p_eval_step, rstate.params, rstate.batch_stats,
+                                   num_images=config.eval.num_images_to_log)
+      eval_metrics = {k: v for k, v in summary.items()}
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items() if np.isfinite(v)})
+      if panels is not None:
+        writer.write_images(step, {"eval/input_label_prediction": panels})
+      logging.info("step %d eval:\n%s", step, metrics_lib.format_table(
+          {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
+      best = summary[BEST_METRIC] if best is None else max(best, summary[BEST_METRIC])
+    if do_eval or step % t.checkpoint_every_steps == 0:
+      state = jax.device_get(flax.jax_utils.unreplicate(rstate))
+      manager.save(step, args=ocp.args.StandardSave(_state_tree(state)),
+                   metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None)
+  manager.wait_until_finished()
+  writer.flush()
+
+  if summary is None:  # resumed at the end: evaluate the final state once more
+    summary, _ = evaluate(config, p_eval_step, rstate.params, rstate.batch_stats)
+  names = labels_lib.class_names(config.num_classes)
+  if warmup_result is not None:
+    table = metrics_lib.format_table({"source only": warmup_result, "adapted": summary}, names)
+  else:
+    table = metrics_lib.format_table({t.mode: summary}, names)
+  print(f"\nTarget evaluation ({config.eval.name}/{config.eval.builder_config}:{config.eval.split}) "
+        f"after {last_step} steps, workdir {workdir}:\n{table}\n", flush=True)
+  result = dict(summary)
+  if warmup_result is not None:
+    result["source_only"] = warmup_result
+  return result
+
+
+def _flat_config(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat_config(v, prefix + k + "."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[prefix + k] = v
+    elif v is None:
+      out[prefix + k] = "None"
+    else:
+      out[prefix + k] = str(v)
+  return out
