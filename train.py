@@ -6,6 +6,7 @@ Multi-host: launch one process per host with --coordinator_address/--num_process
 (or --distributed on a cluster where `jax.distributed.initialize()` finds them itself).
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -25,8 +26,17 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax/TF internals from the log (warnings and errors pass)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/tensorflow/"))
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # imported here so XLA_FLAGS set by a launcher take effect
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

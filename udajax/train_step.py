@@ -179,12 +179,14 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, mode
   return new_state, out
 
 
-def make_p_train_step(config, model=None, axis_name=AXIS):
+def make_p_train_step(config, model=None, axis_name=AXIS, devices=None, donate=True):
+  """The pmapped train step over `devices` (default: all local devices)."""
   model = model or create_model(config, axis_name=axis_name)
   _, schedule = create_optimizer(config)
   step = functools.partial(train_step, config=config, model=model, schedule=schedule,
                            axis_name=axis_name)
-  return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+  return jax.pmap(step, axis_name=axis_name, devices=devices,
+                  donate_argnums=(0,) if donate else ())
 
 
 def predict_logits(model, variables, images, *, flip: bool = False, out_size=None):

@@ -127,17 +127,45 @@ def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
   return merged
 
 
-def initial_variables(config, rng) -> dict:
+def load_init_tree(path: str) -> dict:
+  """Variables of `path`: a udajax workdir or a converted (save_variables) checkpoint."""
+  path = os.path.abspath(os.path.expanduser(path))
+  return load_workdir_variables(path) if is_workdir(path) else ckpt_lib.load_variables(path)
+
+
+def initial_variables(config, rng, *, require_classifier: bool = False) -> dict:
+  """Fresh variables overlaid with `config.init_checkpoint` (if set).
+
+  A checkpoint without a classifier (an ImageNet init) gets a fresh ASPP head, as the reference
+  does; with `require_classifier` (evaluation) that is an error instead.
+  """
   fresh = ts.init_variables(config, rng)
   path = config.init_checkpoint
   if not path:
     return fresh
-  path = os.path.abspath(os.path.expanduser(path))
-  loaded = load_workdir_variables(path) if is_workdir(path) else ckpt_lib.load_variables(path)
+  loaded = load_init_tree(path)
   merged = merge_init_variables(fresh, loaded, path)
-  if not any(k == "classifier" for k in (loaded.get("params") or {})):
+  if "classifier" not in (loaded.get("params") or {}):
+    if require_classifier:
+      raise ckpt_lib.CheckpointError(
+          f"checkpoint {path} has no classifier head: it is a backbone initialisation (e.g. "
+          "ImageNet), not a trained segmentation model")
     logging.info("init checkpoint %s has no classifier: the ASPP head is initialised fresh", path)
   return merged
+
+
+def prepare_datasets(config) -> None:
+  """Builds the demo dataset on first use (it needs no download); real datasets must be built
+  by the user (the input pipeline's error names the command)."""
+  names = {config.source.name, config.eval.name}
+  if config.train.mode == "uda":
+    names.add(config.target.name)
+  if "udajax_demo" in names and jax.process_index() == 0:
+    from udajax import datasets
+    datasets.ensure_demo_built(config.data_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("datasets_ready")
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   configuration.validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  prepare_datasets(config)
   warmup_result = _maybe_warmup_stage(config, workdir)
   _write_config(config, workdir)
 

@@ -1,0 +1,64 @@
+"""Every config loads and validates; the paper's settings are in them; bad keys/values fail."""
+
+import importlib
+
+import pytest
+
+from udajax import configuration
+
+CONFIGS = ["gta", "gta_source", "gta_vgg", "synthia", "synthia_source", "synthia_vgg", "demo"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_valid(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  configuration.validate_config(config)
+
+
+# (lambda_cl, lambda_or, lambda_sp, lambda_em, iw_ratio, classes, source crop (H, W), backbone)
+PAPER = {
+    "gta": (2e-2, 2.0, 0.5, 0.1, 0.2, 19, (720, 1280), "resnet101"),
+    "gta_vgg": (1e-1, 2e-2, 2e-2, 2e-2, 0.2, 19, (720, 1280), "vgg16"),
+    "synthia": (2e-2, 1e-1, 1.0, 5e-2, 0.0, 16, (760, 1280), "resnet101"),
+    "synthia_vgg": (5e-2, 5e-2, 2e-2, 1e-2, 0.2, 16, (760, 1280), "vgg16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_settings(name):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  l = c.loss
+  assert (l.lambda_cl, l.lambda_or, l.lambda_sp, l.lambda_em, l.iw_ratio, c.num_classes,
+          tuple(c.source.image_size), c.model.backbone) == PAPER[name]
+  assert tuple(c.target.image_size) == (512, 1024)
+  assert c.train.lr == 2.5e-4 and c.train.momentum == 0.9 and c.train.weight_decay == 5e-4
+  assert c.train.head_lr_mult == 10 and c.train.batch_size_per_device == 1
+  assert c.train.mode == "uda" and c.train.num_steps == 24750
+
+
+def test_source_only_schedule():
+  c = importlib.import_module("configs.gta_source").get_config()
+  assert c.train.mode == "source_only" and c.train.num_steps == 200_000 and c.train.stop_step == 80_000
+
+
+def test_unknown_key_is_named():
+  c = configuration.base_config()
+  c.train.lrr = 1.0
+  with pytest.raises(configuration.ConfigError, match="'train.lrr' is unknown"):
+    configuration.validate_config(c)
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("loss.lambda_cl", -1.0, ">= 0"),
+    ("train.mode", "adapt", "one of"),
+    ("num_classes", 20, "19"),
+    ("source.image_size", (0, 5), "positive"),
+    ("train.stop_step", 10**9, "num_steps"),
+    ("loss.cluster_norm_order", 3, "1 or 2"),
+])
+def test_bad_value_is_named(key, value, why):
+  c = configuration.base_config()
+  group, _, leaf = key.rpartition(".")
+  (c[group] if group else c)[leaf] = value
+  with pytest.raises(configuration.ConfigError, match=f"'{key}'.*{why}"):
+    configuration.validate_config(c)
