@@ -1,0 +1,400 @@
+"""tf.data input pipelines over the udajax TFDS datasets (random access, resumable, sharded).
+
+Batches come out as numpy arrays with a leading device axis, ready for `jax.pmap`:
+  "image": float32 (num_local_devices, B, H, W, 3), normalised like the reference: RGB -> BGR,
+           minus (104.00698793, 116.66876762, 122.67891434), no scaling;
+  "label": int32 (num_local_devices, B, H, W), 255 = ignore (19 train ids, or 16 with num_classes=16);
+  eval batches add "mask" bool (num_local_devices, B) and "file_name" bytes (num_local_devices, B).
+
+Determinism (training). Examples are read by index from the ArrayRecord files
+(`tfds.data_source`). The global example stream is a concatenation of epochs, each a permutation
+of the split drawn from (seed, dataset name and config, epoch); step s consumes stream positions
+[s * G, (s + 1) * G) with G = num_shards * num_local_devices * B, and shard k takes the k-th
+contiguous block of that range. Every random augmentation decision of an example is a stateless
+function of (seed, dataset name and config, stream position). So the batch of step s is a pure function of
+(seed, s, shard, sharding), and a run started at `start_step=k` yields exactly the batches an
+uninterrupted run yields from step k on. PNG decoding, resizing and augmentation run in parallel
+inside tf.data (deterministic order).
+
+Augmentation (the reference's `_train_sync_transform`, after its resize, which the resized builder
+configs already did at build time): horizontal flip of image and label with p = 0.5; Gaussian blur
+of the image with p = 0.5 and sigma ~ U(0, 1), as PIL's `GaussianBlur(radius=sigma)` (radius is the
+standard deviation there): PIL's own approximation, 3 passes of a fractional box blur per axis
+with edge-replicated borders (see `gaussian_blur`), rounded to integers like PIL's uint8 output.
+
+`image_size` other than the stored size resizes on the fly (bicubic with antialiasing for the
+image, clipped and rounded like PIL; PIL-style nearest for the label). Upsampling is allowed (it
+only costs time and blurs); prefer building the config of the size you train at.
+"""
+
+import zlib
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from udajax import labels as labels_lib
+from udajax import datasets as datasets_lib
+from udajax.datasets.common import tf, tfds  # TF is hidden from accelerators on import.
+from udajax.datasets.common import DatasetNotBuiltError  # noqa: F401  (re-exported)
+
+IMAGE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+
+
+def _shard_defaults(shard_index, num_shards):
+  if shard_index is None or num_shards is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    num_shards = jax.process_count() if num_shards is None else num_shards
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+  return shard_index, num_shards
+
+
+def _data_source(name, builder_config, split, data_dir):
+  builder = datasets_lib.load_builder(name, builder_config, data_dir)
+  source = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  return builder, source
+
+
+def num_examples(name: str, builder_config: str, split: str, data_dir: Optional[str] = None) -> int:
+  """Number of examples of a built split (TFDS slicing syntax such as "train[:-500]" allowed)."""
+  builder = datasets_lib.load_builder(name, builder_config, data_dir)
+  return int(builder.info.splits[split].num_examples)
+
+
+def _stream_key(seed: int, name: str, builder_config: str) -> int:
+  """Mixes dataset name and config into the seed: source and target streams are independent
+  even with the same seed (e.g. the demo's source and target configs of one dataset)."""
+  return (int(seed) * 1_000_003 + zlib.crc32(f"{name}/{builder_config}".encode())) % (2**31 - 1)
+
+
+class _EpochPermutations:
+  """perm(epoch): a permutation of range(n) drawn from (key, epoch); caches the last two."""
+
+  def __init__(self, n: int, key: int):
+    self.n, self.key, self._cache = n, key, {}
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    if epoch not in self._cache:
+      if len(self._cache) >= 2:
+        self._cache.pop(min(self._cache))
+      self._cache[epoch] = np.random.default_rng([self.key, epoch, 0x5EED]).permutation(self.n)
+    return self._cache[epoch]
+
+
+# ----------------------------------------------------------------------------------------------
+# TF ops
+
+
+_PARSE_SPEC = {k: tf.io.FixedLenFeature([], tf.string) for k in ("image", "label", "file_name")}
+
+
+def _parse(serialized):
+  """Serialized example -> (image uint8 (H, W, 3), label uint8 (H, W), file_name string)."""
+  ex = tf.io.parse_single_example(serialized, _PARSE_SPEC)
+  image = tf.io.decode_png(ex["image"], channels=3)
+  label = tf.io.decode_png(ex["label"], channels=1)[..., 0]
+  return image, label, ex["file_name"]
+
+
+def _pil_nearest_indices(in_size, out_size):
+  """PIL nearest: src = floor((dst + 0.5) * in / out)."""
+  scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+  src = tf.floor((tf.range(out_size, dtype=tf.float64) + 0.5) * scale)
+  return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
+
+
+def resize_label(label, size):
+  """(H, W) label -> size (h, w) by PIL-style nearest neighbour (no-op when equal)."""
+  h, w = size
+  shape = tf.shape(label)
+  def _resize():
+    out = tf.gather(label, _pil_nearest_indices(shape[0], h), axis=0)
+    return tf.gather(out, _pil_nearest_indices(shape[1], w), axis=1)
+  same = tf.logical_and(tf.equal(shape[0], h), tf.equal(shape[1], w))
+  return tf.cond(same, lambda: label, _resize)
+
+
+def resize_image(image, size):
+  """(H, W, 3) uint8 -> (h, w, 3) float32 bicubic (antialiased, like PIL), rounded to [0, 255]."""
+  shape = tf.shape(image)
+  def _resize():
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method="bicubic", antialias=True)
+    return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+  same = tf.logical_and(tf.equal(shape[0], size[0]), tf.equal(shape[1], size[1]))
+  return tf.cond(same, lambda: tf.cast(image, tf.float32), _resize)
+
+
+def pil_box_weight(sigma):
+  """Edge weight a of one box pass of PIL's `GaussianBlur(radius=sigma)`, 0 <= sigma <= 2.4.
+
+  PIL approximates a Gaussian of standard deviation sigma by 3 box blurs of fractional radius
+  r = l + a (Gwosdek et al. 2011). For sigma <= 2.4, l = 0 and a = sigma^2 / (6 - 2 sigma^2), so a
+  pass is the 3-tap kernel [a, 1, a] / (1 + 2a).
+  """
+  s2 = tf.square(tf.clip_by_value(tf.cast(sigma, tf.float32), 0.0, 2.4))
+  return s2 / (6.0 - 2.0 * s2)
+
+
+def _three_box_passes(img, a, axis):
+  """PIL's 3 passes of the box kernel [a, 1, a] / (1 + 2a) along `axis`, edge-replicated borders."""
+  w_side = a / (1.0 + 2.0 * a)
+  w_mid = 1.0 / (1.0 + 2.0 * a)
+  pad = [[0, 0]] * 3
+  pad[axis] = [1, 1]
+  for _ in range(3):
+    n = tf.shape(img)[axis]
+    p = tf.pad(img, pad, mode="SYMMETRIC")  # replicating one edge pixel = symmetric padding by one
+    if axis == 0:
+      img = w_mid * img + w_side * (p[:n] + p[2:])
+    else:
+      img = w_mid * img + w_side * (p[:, :n] + p[:, 2:])
+  return img
+
+
+def _blur_axis(img, a, axis):
+  """Exactly `_three_box_passes`, fast: the composite 7-tap kernel as a depthwise convolution for
+  the interior, and the 3-pass recursion on 6-line strips for the 3 lines at each border."""
+  n = tf.shape(img)[axis]
+  a2, a3 = a * a, a * a * a
+  outer, inner = 3 * a2, 3 * a + 3 * a3
+  k7 = tf.stack([a3, outer, inner, 1 + 6 * a2, inner, outer, a3]) / tf.pow(1 + 2 * a, 3)
+  channels = img.shape[-1] or 3
+  shape = [7, 1, 1, 1] if axis == 0 else [1, 7, 1, 1]
+  filt = tf.tile(tf.reshape(k7, shape), [1, 1, channels, 1])
+  pad = [[0, 0]] * 4
+  pad[axis + 1] = [3, 3]
+  mid = tf.nn.depthwise_conv2d(tf.pad(img[None], pad), filt, [1, 1, 1, 1], "VALID")[0]
+  if axis == 0:
+    top = _three_box_passes(img[:6], a, 0)[:3]
+    bottom = _three_box_passes(img[n - 6:], a, 0)[3:]
+    return tf.concat([top, mid[3:n - 3], bottom], axis=0)
+  top = _three_box_passes(img[:, :6], a, 1)[:, :3]
+  bottom = _three_box_passes(img[:, n - 6:], a, 1)[:, 3:]
+  return tf.concat([top, mid[:, 3:n - 3], bottom], axis=1)
+
+
+def gaussian_blur(image, sigma):
+  """(H, W, C) float image, scalar 0 <= sigma <= 2.4 -> PIL's GaussianBlur(radius=sigma).
+
+  Like PIL: 3 horizontal then 3 vertical passes of the box kernel [a, 1, a] / (1 + 2a), each with
+  edge-replicated borders (computed as one 7-tap depthwise convolution plus exact borders when
+  the image has at least 12 rows and columns). PIL also rounds to uint8 after every pass; we
+  round once at the end (mean difference below one grey level).
+  """
+  a = pil_box_weight(sigma)
+  shape = tf.shape(image)
+  big = tf.logical_and(shape[0] >= 12, shape[1] >= 12)
+  def fast():
+    return _blur_axis(_blur_axis(image, a, 1), a, 0)
+  def exact():
+    return _three_box_passes(_three_box_passes(image, a, 1), a, 0)
+  return tf.cond(big, fast, exact)
+
+
+_RGB_TO_BGR = tf.constant([[0, 0, 1], [0, 1, 0], [1, 0, 0]], tf.float32, shape=[1, 1, 3, 3])
+
+
+def normalize(image):
+  """float32 RGB (H, W, 3) in [0, 255] -> BGR minus the reference mean (exact in float32).
+
+  A 1x1 convolution with a permutation matrix plus a bias: several times faster on CPU than
+  `image[..., ::-1] - mean` (a reversed-stride slice).
+  """
+  out = tf.nn.conv2d(image[None], _RGB_TO_BGR, strides=1, padding="VALID")[0]
+  return tf.nn.bias_add(out, -tf.constant(IMAGE_MEAN_BGR, tf.float32))
+
+
+def _remap(label, num_classes):
+  if num_classes == labels_lib.NUM_CITYSCAPES_CLASSES:
+    return tf.cast(label, tf.int32)
+  if num_classes == len(labels_lib.SYNTHIA16_TRAIN_IDS):
+    lut = tf.constant(labels_lib.TRAIN_ID_TO_16, tf.int32)
+    return tf.gather(lut, tf.cast(label, tf.int32))
+  raise ValueError(f"num_classes must be 19 or 16, got {num_classes}")
+
+
+def _augment(image, label, seed_key, position):
+  """Flip (p=0.5, image and label) then blur (p=0.5, sigma ~ U(0, 1)), keyed by (seed, position)."""
+  u = tf.random.stateless_uniform([3], seed=tf.stack([tf.cast(seed_key, tf.int64), position]))
+  flip = u[0] < 0.5
+  image, label = tf.cond(
+      flip, lambda: (tf.reverse(image, [1]), tf.reverse(label, [1])), lambda: (image, label))
+  image = tf.cond(
+      u[1] < 0.5, lambda: tf.clip_by_value(tf.round(gaussian_blur(image, u[2])), 0.0, 255.0),
+      lambda: image)
+  return image, label
+
+
+def _to_devices(batch, num_local_devices, batch_size_per_device):
+  def f(x):
+    return np.reshape(x, (num_local_devices, batch_size_per_device) + x.shape[1:])
+  return {k: f(v) for k, v in batch.items()}
+
+
+def _tf_options():
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def train_iterator(
+    name: str,
+    *,
+    builder_config: str,
+    split: str,
+    data_dir: Optional[str] = None,
+    image_size: Optional[Tuple[int, int]] = None,
+    batch_size_per_device: int,
+    num_local_devices: int,
+    num_classes: int,
+    seed: int,
+    start_step: int = 0,
+    augment: bool = True,
+    shard_index: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    with_labels: bool = True,
+) -> Iterator[dict]:
+  """Infinite, shuffled, augmented training batches (see the module docstring for determinism).
+
+  Args:
+    name: "gta5", "synthia", "cityscapes" or "udajax_demo".
+    builder_config: e.g. "1280x720", "1024x512", "full", "source", "target".
+    split: e.g. "train", "validation", or a TFDS slice such as "train[:-500]".
+    image_size: (H, W) of the batches; None = the stored size (all examples must share it).
+    batch_size_per_device, num_local_devices: batches are (num_local_devices, B, ...).
+    num_classes: 19, or 16 (train ids remapped with labels.TRAIN_ID_TO_16; others -> 255).
+    seed, start_step: the batch of step s is a pure function of (seed, s, shard).
+    shard_index, num_shards: default jax.process_index() / jax.process_count().
+    with_labels: False drops "label" (e.g. an unlabelled target domain).
+  Yields:
+    {"image": float32 (D, B, H, W, 3), "label": int32 (D, B, H, W)}.
+  """
+  shard_index, num_shards = _shard_defaults(shard_index, num_shards)
+  builder, source = _data_source(name, builder_config, split, data_dir)
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"{name}/{builder_config} split {split!r} is empty")
+  del builder
+  local_batch = batch_size_per_device * num_local_devices
+  global_batch = local_batch * num_shards
+  shard_offset = local_batch * shard_index
+  key = _stream_key(seed, name, builder_config)
+  _remap(tf.zeros([1], tf.uint8), num_classes)  # validates num_classes early
+
+  def records():
+    perms = _EpochPermutations(n, key)
+    step = int(start_step)
+    while True:
+      base = step * global_batch + shard_offset
+      for p in range(base, base + local_batch):
+        yield source[int(perms(p // n)[p % n])], np.int64(p)
+      step += 1
+
+  def process(serialized, position):
+    image, label, _ = _parse(serialized)
+    if image_size is not None:
+      image = resize_image(image, image_size)
+      label = resize_label(label, image_size)
+    else:
+      image = tf.cast(image, tf.float32)
+    if augment:
+      image, label = _augment(image, label, key, position)
+    out = {"image": normalize(image)}
+    if with_labels:
+      out["label"] = _remap(label, num_classes)
+    return out
+
+  ds = tf.data.Dataset.from_generator(
+      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(2).with_options(_tf_options())
+  for batch in ds.as_numpy_iterator():
+    yield _to_devices(batch, num_local_devices, batch_size_per_device)
+
+
+def eval_shard_indices(n: int, shard_index: int, num_shards: int, local_batch: int):
+  """Example indices of one shard, padded to a multiple of local_batch that all shards share.
+
+  Returns (indices int64 (num_batches * local_batch,), mask bool (same)); padding repeats index 0.
+  """
+  own = np.arange(shard_index, n, num_shards, dtype=np.int64)
+  per_shard = -(-n // num_shards)
+  num_batches = max(1, -(-per_shard // local_batch))
+  total = num_batches * local_batch
+  idx = np.zeros((total,), np.int64)
+  mask = np.zeros((total,), bool)
+  idx[:len(own)] = own
+  mask[:len(own)] = True
+  return idx, mask
+
+
+def eval_iterator(
+    name: str,
+    *,
+    builder_config: str,
+    split: str,
+    data_dir: Optional[str] = None,
+    image_size: Optional[Tuple[int, int]] = None,
+    label_size: Optional[Tuple[int, int]] = None,
+    batch_size_per_device: int,
+    num_local_devices: int,
+    num_classes: int,
+    shard_index: Optional[int] = None,
+    num_shards: Optional[int] = None,
+) -> Iterator[dict]:
+  """Finite evaluation batches covering every example of this shard exactly once.
+
+  Shard k gets examples k, k + num_shards, ...; every shard yields the same number of batches
+  (needed by multi-host pmap), the last ones padded with mask False and label 255.
+
+  Args:
+    image_size: (H, W) of the images; None = the stored size.
+    label_size: (H, W) of the labels; None = same as the image. E.g. image (512, 1024) with
+      label (1024, 2048) from the "full" config for full-resolution evaluation.
+  Yields:
+    {"image": float32 (D, B, H, W, 3), "label": int32 (D, B, h, w), "mask": bool (D, B),
+     "file_name": bytes object array (D, B)}.
+  """
+  shard_index, num_shards = _shard_defaults(shard_index, num_shards)
+  builder, source = _data_source(name, builder_config, split, data_dir)
+  del builder
+  local_batch = batch_size_per_device * num_local_devices
+  idx, mask = eval_shard_indices(len(source), shard_index, num_shards, local_batch)
+  if label_size is None:
+    label_size = image_size
+  _remap(tf.zeros([1], tf.uint8), num_classes)
+
+  def records():
+    for i, m in zip(idx, mask):
+      yield source[int(i)], bool(m)
+
+  def process(serialized, valid):
+    image, label, file_name = _parse(serialized)
+    image = resize_image(image, image_size) if image_size is not None else tf.cast(image, tf.float32)
+    if label_size is not None:
+      label = resize_label(label, label_size)
+    label = _remap(label, num_classes)
+    label = tf.where(valid, label, tf.fill(tf.shape(label), labels_lib.IGNORE_LABEL))
+    return {"image": normalize(image), "label": label, "mask": valid, "file_name": file_name}
+
+  ds = tf.data.Dataset.from_generator(
+      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=False)  # len(idx) is a multiple of local_batch
+  ds = ds.prefetch(2).with_options(_tf_options())
+  for batch in ds.as_numpy_iterator():
+    yield _to_devices(batch, num_local_devices, batch_size_per_device)
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """Inverse of the normalisation: (..., 3) BGR float -> (..., 3) uint8 RGB (for visualisation)."""
+  rgb = (np.asarray(image, np.float32) + np.asarray(IMAGE_MEAN_BGR, np.float32))[..., ::-1]
+  return np.clip(np.round(rgb), 0, 255).astype(np.uint8)

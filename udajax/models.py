@@ -1,0 +1,336 @@
+"""DeepLab-v2 segmenter (ResNet-101 or VGG-16 backbone) in Flax linen, matching the reference.
+
+`DeepLabV2(num_classes, backbone=...)` maps normalised images (B, H, W, 3) to
+`(logits, features)`: logits (B, H, W, num_classes) upsampled with bilinear align_corners=True,
+features (B, ceil-ish H/8, W/8, F) = the encoder output at stride 8 (ResNet `layer4` after its final
+ReLU, F = 32·base_width = 2048; VGG `fc7` after ReLU, F = 16·vgg_width = 1024).
+
+Exactness notes (see docs/MODEL.md):
+- caffe-style ResNet: the stride sits on the first 1×1 conv of a bottleneck; the stem max-pool is
+  3×3/2 pad 1 with PyTorch `ceil_mode=True`; every padding is explicit and symmetric.
+- `BatchNorm` below is PyTorch's: two-pass batch variance for normalisation, running variance
+  updated with the *unbiased* batch variance (n / (n − 1)), eps 1e-5, running-average decay 0.9
+  (PyTorch momentum 0.1); statistics are computed in float32 whatever the compute dtype.
+- the ASPP head sums its branches; by default only the dilation-6 and -12 branches, as the
+  reference's forward (it returns inside its loop) and its released checkpoints do.
+
+Parameter tree (`params`; `batch_stats` mirrors the BN paths with `mean`/`var`):
+  backbone/conv1/kernel, backbone/bn1/{scale,bias},
+  backbone/layer{1..4}/block{j}/{conv1,conv2,conv3}/kernel, .../{bn1,bn2,bn3}/{scale,bias},
+  backbone/layer{1..4}/block0/{downsample_conv/kernel, downsample_bn/{scale,bias}},
+  VGG: backbone/{conv1_1..conv5_3,fc6,fc7}/{kernel,bias},
+  classifier/conv{i}/{kernel,bias}  (i-th ASPP branch = reference `conv2d_list.i`).
+Conv kernels are HWIO. This module imports only jax/flax/numpy.
+"""
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from udajax.ops import resize_bilinear_align_corners
+
+# Mean of the reference's "numpy transform", in B, G, R order (pixel values 0..255).
+IMAGE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
+
+BACKBONES = ("resnet101", "vgg16")
+
+
+def normalize_images(images_uint8_rgb):
+  """RGB uint8 images (..., H, W, 3) → float32 BGR with the mean subtracted, no scaling.
+
+  numpy in → numpy out (usable in input pipelines); anything else goes through jax.numpy.
+  """
+  xp = np if isinstance(images_uint8_rgb, np.ndarray) else jnp
+  x = xp.asarray(images_uint8_rgb)
+  if x.shape[-1] != 3:
+    raise ValueError(f"normalize_images expects (..., H, W, 3) RGB images, got shape {x.shape}")
+  x = x.astype(xp.float32)[..., ::-1]
+  return x - xp.asarray(IMAGE_MEAN_BGR)
+
+
+def max_pool_ceil(x, window: int = 3, stride: int = 2, padding: int = 1):
+  """Max-pool with PyTorch `nn.MaxPool2d(window, stride, padding, ceil_mode=True)` semantics.
+
+  out = ceil((in + 2·padding − window) / stride) + 1, minus one if the last window would start
+  inside the right padding (PyTorch's rule). Padding is −inf, so it never wins.
+
+  Args:
+    x: (B, H, W, C).
+  Returns:
+    (B, out_h, out_w, C); e.g. 64×64 → 33×33 for the default 3×3/2 pad 1.
+  """
+  pads = [(0, 0)]
+  for size in x.shape[1:3]:
+    out = -(-(size + 2 * padding - window) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+      out -= 1
+    high = (out - 1) * stride + window - size - padding
+    pads.append((padding, max(high, 0)))
+  pads.append((0, 0))
+  # A Python scalar init (not a jnp array) keeps reduce_window differentiable (max-pool VJP).
+  init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
+  return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), pads)
+
+
+def max_pool_floor(x, window: int = 2, stride: int = 2):
+  """Max-pool without padding, floor mode (torchvision VGG's `MaxPool2d(2, 2)`). x: (B, H, W, C)."""
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default conv bias init: U(−1/√fan_in, 1/√fan_in)."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# PyTorch's default conv weight init, kaiming_uniform(a=√5) = U(−1/√fan_in, 1/√fan_in).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Reference init of ResNet convs and of the classifier weights: N(0, 0.01²).
+normal_001 = nn.initializers.normal(stddev=0.01)
+# torchvision VGG conv init: kaiming_normal(mode="fan_out", relu), bias 0.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-exact BatchNorm over all axes but the last (channels).
+
+  Train mode normalises with the biased two-pass batch variance and (outside init) updates
+  `batch_stats/mean` and `batch_stats/var` as PyTorch does: r ← 0.9·r + 0.1·s with s the batch
+  mean resp. the *unbiased* batch variance. With `axis_name` set (inside pmap) the statistics
+  are those of the global batch (all devices; equal per-device batch sizes), i.e. SyncBatchNorm.
+  Params and statistics are float32; the output has dtype `dtype`.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    """x: (B, H, W, C) → (B, H, W, C)."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      n = int(np.prod(x.shape[:-1]))
+      sync = self.axis_name is not None and not self.is_initializing()
+      mean = jnp.mean(xf, axis=axes)
+      if sync:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if sync:
+        var = jax.lax.pmean(var, self.axis_name)
+        n = n * jax.lax.psum(1, self.axis_name)
+      if not self.is_initializing():
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+        ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (xf - mean) * mul + bias
+    return y.astype(self.dtype)
+
+
+def _conv(features, kernel, *, stride=1, padding=0, dilation=1, use_bias=False, dtype, name,
+          kernel_init=normal_001, bias_init=nn.initializers.zeros):
+  """nn.Conv with explicit symmetric padding (never "SAME")."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
+class Bottleneck(nn.Module):
+  """caffe-style bottleneck: 1×1 (stride) → 3×3 (dilation d, pad d) → 1×1 (4× width); residual."""
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    """x: (B, H, W, Cin) → (B, H', W', 4·width), H' = (H − 1) // stride + 1."""
+    bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
+    d = self.dilation
+    out = _conv(self.width, 1, stride=self.stride, dtype=self.dtype, name="conv1")(x)
+    out = nn.relu(bn("bn1")(out, train))
+    out = _conv(self.width, 3, padding=d, dilation=d, dtype=self.dtype, name="conv2")(out)
+    out = nn.relu(bn("bn2")(out, train))
+    out = _conv(4 * self.width, 1, dtype=self.dtype, name="conv3")(out)
+    out = bn("bn3")(out, train)
+    if self.downsample:
+      residual = _conv(4 * self.width, 1, stride=self.stride, dtype=self.dtype,
+                       name="downsample_conv")(x)
+      residual = bn("downsample_bn")(residual, train)
+    else:
+      residual = x
+    return nn.relu(out + residual)
+
+
+class ResLayer(nn.Module):
+  """One ResNet stage (`layerN`): `blocks` bottlenecks, the first with the projection shortcut."""
+  width: int
+  blocks: int
+  stride: int = 1
+  dilation: int = 1
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
+    for j in range(self.blocks):
+      # The reference projects on the first block of every stage (its _make_layer condition
+      # holds for all four stages of DeepLab-v2).
+      x = block_cls(self.width, stride=self.stride if j == 0 else 1, dilation=self.dilation,
+                    downsample=(j == 0), dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                    name=f"block{j}")(x, train)
+    return x
+
+
+class ResNetBackbone(nn.Module):
+  """DeepLab-v2 ResNet encoder at output stride 8. (B, H, W, 3) → (B, h, w, 32·base_width)."""
+  stage_blocks: Sequence[int] = (3, 4, 23, 3)
+  base_width: int = 64
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if len(self.stage_blocks) != 4:
+      raise ValueError(f"stage_blocks must have 4 entries, got {self.stage_blocks}")
+    w = self.base_width
+    x = _conv(w, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
+    x = BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x, train)
+    x = max_pool_ceil(nn.relu(x), 3, 2, 1)
+    strides = (1, 2, 1, 1)
+    dilations = (1, 1, 2, 4)
+    for i, blocks in enumerate(self.stage_blocks):
+      x = ResLayer(w * 2 ** i, blocks, stride=strides[i], dilation=dilations[i], dtype=self.dtype,
+                   bn_axis_name=self.bn_axis_name, remat=self.remat,
+                   name=f"layer{i + 1}")(x, train)
+    return x
+
+
+# (name, output channels as a multiple of vgg_width, dilation, max-pool after it).
+_VGG_LAYERS = (
+    ("conv1_1", 1, 1, False), ("conv1_2", 1, 1, True),
+    ("conv2_1", 2, 1, False), ("conv2_2", 2, 1, True),
+    ("conv3_1", 4, 1, False), ("conv3_2", 4, 1, False), ("conv3_3", 4, 1, True),
+    ("conv4_1", 8, 1, False), ("conv4_2", 8, 1, False), ("conv4_3", 8, 1, False),
+    ("conv5_1", 8, 2, False), ("conv5_2", 8, 2, False), ("conv5_3", 8, 2, False),
+)
+VGG_CONV_NAMES = tuple(layer[0] for layer in _VGG_LAYERS)
+
+
+class VGGBackbone(nn.Module):
+  """DeepLab-v2 VGG-16 encoder: torchvision vgg16 features without pool4/pool5, conv5 at
+  dilation 2, then fc6/fc7 (3×3, dilation 4) with ReLU. (B, H, W, 3) → (B, h, w, 16·vgg_width)."""
+  vgg_width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train  # no BN, no dropout
+    in_ch = x.shape[-1]
+    for name, mult, dil, pool in _VGG_LAYERS:
+      x = _conv(mult * self.vgg_width, 3, padding=dil, dilation=dil, use_bias=True,
+                dtype=self.dtype, name=name, kernel_init=kaiming_normal_fan_out)(x)
+      x = nn.relu(x)
+      in_ch = mult * self.vgg_width
+      if pool:
+        x = max_pool_floor(x, 2, 2)
+    fc = 16 * self.vgg_width
+    for name in ("fc6", "fc7"):
+      x = _conv(fc, 3, padding=4, dilation=4, use_bias=True, dtype=self.dtype, name=name,
+                kernel_init=torch_default_kernel_init,
+                bias_init=torch_default_bias_init(in_ch * 9))(x)
+      x = nn.relu(x)
+      in_ch = fc
+    return x
+
+
+class ASPP(nn.Module):
+  """DeepLab-v2 classifier: sum of 3×3 convs with bias at dilation = padding ∈ `dilations`.
+
+  Weights N(0, 0.01²) as the reference; biases keep PyTorch's default U(±1/√(9·Cin)) (the
+  reference never re-initialises them). (B, h, w, Cin) → (B, h, w, num_classes).
+  """
+  num_classes: int
+  dilations: Sequence[int] = (6, 12)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1] * 9
+    out = None
+    for i, d in enumerate(self.dilations):
+      y = _conv(self.num_classes, 3, padding=d, dilation=d, use_bias=True, dtype=self.dtype,
+                name=f"conv{i}", kernel_init=normal_001,
+                bias_init=torch_default_bias_init(fan_in))(x)
+      out = y if out is None else out + y
+    return out
+
+
+class DeepLabV2(nn.Module):
+  """DeepLab-v2 with a ResNet-101 (caffe-style) or VGG-16 backbone.
+
+  Attributes:
+    num_classes: output classes.
+    backbone: "resnet101" or "vgg16".
+    stage_blocks, base_width: ResNet depth/width (tiny nets for tests/demo: (1, 1, 1, 1), 8).
+    vgg_width: VGG conv1 width (64 = torchvision); every VGG width scales with it, fc6/fc7 = 16×.
+    aspp_dilations: ASPP branches; (6, 12) = reference behaviour, (6, 12, 18, 24) = all four.
+    dtype: compute dtype (params and BN statistics stay float32; outputs are float32).
+    bn_axis_name: pmap axis name for synchronised BatchNorm, or None.
+    remat: rematerialise ResNet bottlenecks (saves activation memory).
+
+  `apply(variables, images, train=...)`: images (B, H, W, 3) normalised float32 →
+  `(logits (B, H, W, num_classes), features (B, h, w, F))`, both float32, h, w at stride 8.
+  Train mode uses batch statistics and needs `mutable=["batch_stats"]` (ResNet).
+  """
+  num_classes: int
+  backbone: str = "resnet101"
+  stage_blocks: Sequence[int] = (3, 4, 23, 3)
+  base_width: int = 64
+  vgg_width: int = 64
+  aspp_dilations: Sequence[int] = (6, 12)
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images, train: bool = False) -> Tuple[jax.Array, jax.Array]:
+    if images.ndim != 4:
+      raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+    x = images.astype(self.dtype)
+    if self.backbone == "resnet101":
+      feats = ResNetBackbone(tuple(self.stage_blocks), self.base_width, dtype=self.dtype,
+                             bn_axis_name=self.bn_axis_name, remat=self.remat,
+                             name="backbone")(x, train)
+    elif self.backbone == "vgg16":
+      feats = VGGBackbone(self.vgg_width, dtype=self.dtype, name="backbone")(x, train)
+    else:
+      raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+    logits = ASPP(self.num_classes, tuple(self.aspp_dilations), dtype=self.dtype,
+                  name="classifier")(feats)
+    logits = resize_bilinear_align_corners(logits.astype(jnp.float32), images.shape[1:3])
+    return logits, feats.astype(jnp.float32)
