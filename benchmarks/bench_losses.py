@@ -102,8 +102,8 @@ def reference(args, sf, sp, tf, tp):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   # The module defines two nn.Module classes: the feature regulariser and the IW loss.
-  classes = {n: c for n, c in vars(module).items()
-             if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == spec.name}
+  classes = {n: c for n, c in vars(module).items() if isinstance(c, type)
+             and issubclass(c, torch.nn.Module) and c.__module__ == spec.name}
   reg_cls = next(c for n, c in classes.items() if n.lower().startswith("feat"))
   iw_cls = next(c for n, c in classes.items() if n.lower().startswith("iw"))
   reg = reg_cls(num_class=args.num_classes, device="cpu")
@@ -176,7 +176,8 @@ def main():
         times_ref.append(t)
 
   def summary(ts):
-    return f"median {statistics.median(ts) * 1e3:.0f} ms (min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f}, n={len(ts)})"
+    return (f"median {statistics.median(ts) * 1e3:.0f} ms (min {min(ts) * 1e3:.0f}, "
+            f"max {max(ts) * 1e3:.0f}, n={len(ts)})")
   print(f"udajax    fwd+bwd: {summary(times_ours)}")
   if run_ref is not None:
     print(f"reference fwd+bwd: {summary(times_ref)}")

@@ -208,7 +208,8 @@ def torch_values_and_grads(sf, sp, tf, tp, labels, **kw):
     vals[k] = out[k].item()
     if out[k].requires_grad:
       g = torch.autograd.grad(out[k], [sft, tft], retain_graph=True, allow_unused=True)
-      grads[k] = tuple(np.zeros(x.shape) if gi is None else gi.numpy() for gi, x in zip(g, (sf, tf)))
+      grads[k] = tuple(np.zeros(x.shape) if gi is None else gi.numpy()
+                       for gi, x in zip(g, (sf, tf)))
     else:
       grads[k] = (np.zeros(sf.shape), np.zeros(tf.shape))
   return vals, grads
@@ -245,7 +246,8 @@ def test_transcription_check_sees_absent_classes():
   """The random inputs really have absent classes in each role (else the test proves less)."""
   sf, sp, tf, tp, labels = make_inputs(seed=10)
   assert set(np.unique(ref.assign_bilinear(torch.tensor(tp), tf.shape[1:3]).numpy())) == {0, 1, 2}
-  assert set(np.unique(ref.assign_bilinear(torch.tensor(sp), sf.shape[1:3]).numpy())) == {0, 1, 2, 3}
+  source_classes = np.unique(ref.assign_bilinear(torch.tensor(sp), sf.shape[1:3]).numpy())
+  assert set(source_classes) == {0, 1, 2, 3}
   assert set(np.unique(labels)) == {0, 2, 3, 255}
 
 

@@ -51,7 +51,8 @@ def _inputs():
 def test_feature_regularization_pmap_matches_single_device(use_labels, p, smoothing):
   sf, sp, tf, tp, labels = _inputs()
   labels = labels if use_labels else None
-  kw = dict(num_classes=6, cluster_norm_order=p, ortho_temperature=1.3, centroid_smoothing=smoothing)
+  kw = dict(num_classes=6, cluster_norm_order=p, ortho_temperature=1.3,
+            centroid_smoothing=smoothing)
   state = None
   if smoothing is not None:  # a previous state where class 5 (absent now) was seen
     state = losses.CentroidState(

@@ -13,8 +13,8 @@ of the split drawn from (seed, dataset name and config, epoch); step s consumes 
 contiguous block of that range. Every random augmentation decision of an example is a stateless
 function of (seed, dataset name and config, stream position). So the batch of step s is a pure function of
 (seed, s, shard, sharding), and a run started at `start_step=k` yields exactly the batches an
-uninterrupted run yields from step k on. PNG decoding, resizing and augmentation run in parallel
-inside tf.data (deterministic order).
+uninterrupted run yields from step k on. Reading (a small py_function per example), PNG decoding,
+resizing and augmentation run in one parallel, order-preserving tf.data map.
 
 Augmentation (the reference's `_train_sync_transform`, after its resize, which the resized builder
 configs already did at build time): horizontal flip of image and label with p = 0.5; Gaussian blur
@@ -75,11 +75,28 @@ class _EpochPermutations:
     self.n, self.key, self._cache = n, key, {}
 
   def __call__(self, epoch: int) -> np.ndarray:
-    if epoch not in self._cache:
-      if len(self._cache) >= 2:
-        self._cache.pop(min(self._cache))
-      self._cache[epoch] = np.random.default_rng([self.key, epoch, 0x5EED]).permutation(self.n)
-    return self._cache[epoch]
+    perm = self._cache.get(epoch)  # called from parallel tf.data threads: no check-then-read
+    if perm is None:
+      perm = np.random.default_rng([self.key, epoch, 0x5EED]).permutation(self.n)
+      if len(self._cache) >= 4:
+        self._cache.clear()
+      self._cache[epoch] = perm
+    return perm
+
+
+def _read_record(source, index_fn):
+  """A tf op reading one serialized example by index through Python (ArrayRecord random access).
+
+  A py_function inside the parallel map (rather than a generator dataset) keeps tf.data free of
+  Python state at interpreter exit.
+  """
+  def read(x):
+    return source[int(index_fn(int(x.numpy())))]
+  def op(x):
+    out = tf.py_function(read, [x], tf.string)
+    out.set_shape([])
+    return out
+  return op
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,31 +305,30 @@ def train_iterator(
   key = _stream_key(seed, name, builder_config)
   _remap(tf.zeros([1], tf.uint8), num_classes)  # validates num_classes early
 
-  def records():
-    perms = _EpochPermutations(n, key)
-    step = int(start_step)
-    while True:
-      base = step * global_batch + shard_offset
-      for p in range(base, base + local_batch):
-        yield source[int(perms(p // n)[p % n])], np.int64(p)
-      step += 1
+  perms = _EpochPermutations(n, key)
+  read = _read_record(source, lambda p: perms(p // n)[p % n])
 
-  def process(serialized, position):
-    image, label, _ = _parse(serialized)
+  def position(q):
+    """Stream position of the q-th example this shard yields (q counts from 0 at start_step)."""
+    step = start_step + q // local_batch
+    return step * global_batch + shard_offset + q % local_batch
+
+  def process(q):
+    pos = position(q)
+    image, label, _ = _parse(read(pos))
     if image_size is not None:
       image = resize_image(image, image_size)
       label = resize_label(label, image_size)
     else:
       image = tf.cast(image, tf.float32)
     if augment:
-      image, label = _augment(image, label, key, position)
+      image, label = _augment(image, label, key, pos)
     out = {"image": normalize(image)}
     if with_labels:
       out["label"] = _remap(label, num_classes)
     return out
 
-  ds = tf.data.Dataset.from_generator(
-      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+  ds = tf.data.Dataset.counter(0, dtype=tf.int64)
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(2).with_options(_tf_options())
@@ -372,12 +388,10 @@ def eval_iterator(
     label_size = image_size
   _remap(tf.zeros([1], tf.uint8), num_classes)
 
-  def records():
-    for i, m in zip(idx, mask):
-      yield source[int(i)], bool(m)
+  read = _read_record(source, lambda i: i)
 
-  def process(serialized, valid):
-    image, label, file_name = _parse(serialized)
+  def process(index, valid):
+    image, label, file_name = _parse(read(index))
     image = resize_image(image, image_size) if image_size is not None else tf.cast(image, tf.float32)
     if label_size is not None:
       label = resize_label(label, label_size)
@@ -385,8 +399,7 @@ def eval_iterator(
     label = tf.where(valid, label, tf.fill(tf.shape(label), labels_lib.IGNORE_LABEL))
     return {"image": normalize(image), "label": label, "mask": valid, "file_name": file_name}
 
-  ds = tf.data.Dataset.from_generator(
-      records, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_tensor_slices((idx, mask))
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=False)  # len(idx) is a multiple of local_batch
   ds = ds.prefetch(2).with_options(_tf_options())

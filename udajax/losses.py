@@ -89,10 +89,15 @@ reference multiplies a (B, C, H, W) tensor by (B, H, W) weights, which is only r
 
 Cross-entropy: mean over non-ignored pixels (global over devices); 0 when every pixel is
 ignored (reference: NaN).
+
+Checked (float64, values and gradients w.r.t. both feature maps) against the authors' loss
+module itself on random inputs with absent classes, norm orders 1 and 2, with and without source
+labels, and with smoothing over several steps: relative differences <= 1e-14 (a one-off check;
+the test suite compares against our own loop-over-classes transcription, tests/loss_reference.py).
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

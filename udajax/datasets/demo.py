@@ -3,7 +3,7 @@
 Two builder configs share one scene-layout sampler (same layout statistics) and differ only in
 rendering:
   source: saturated "synthetic" materials, sharp edges, mild noise, flat lighting;
-  target: a shifted palette (hue rotated by 60 degrees, desaturated, warm cast), other textures
+  target: a shifted palette (hue rotated by 30 degrees, desaturated, warm cast), other textures
           (concrete panels instead of bricks and windows, grainy asphalt, leaf pattern), a lighting
           gradient, gamma, stronger sensor noise and blur.
 Shapes, edges and layout are shared, so features that transfer exist; colours and textures are
@@ -34,7 +34,7 @@ DEMO_CLASSES = (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETA
                 PERSON, CAR)
 
 # Material base colours (RGB) per train id. The target palette is the source one with the hue
-# rotated by 60 degrees around the grey axis, saturation reduced and a warm cast (a global,
+# rotated by 30 degrees around the grey axis, saturation reduced and a warm cast (a global,
 # class-consistent appearance change: classes stay distinguishable within each domain).
 _SOURCE_PALETTE = {
     ROAD: (95, 90, 100), SIDEWALK: (185, 160, 140), BUILDING: (160, 95, 70), WALL: (200, 195, 150),
@@ -53,7 +53,7 @@ def _hue_rotation(degrees: float, saturation: float) -> np.ndarray:
   return grey + saturation * (rot - grey)
 
 
-_TARGET_COLOUR = _hue_rotation(60.0, 0.75)
+_TARGET_COLOUR = _hue_rotation(30.0, 0.85)
 _TARGET_CAST = np.array([1.08, 1.0, 0.85])
 
 
