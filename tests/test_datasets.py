@@ -166,7 +166,7 @@ def test_demo_shift_is_appearance_not_layout():
   def acc(x, y):
     return (classes[((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)] == y).mean()
   assert acc(xs, ys) > 0.75
-  assert acc(xt, yt) < 0.5 * acc(xs, ys)
+  assert acc(xt, yt) < 0.6 * acc(xs, ys)
 
 
 def test_demo_builder_small(tmp_path):

@@ -93,6 +93,14 @@ def create_train_state(config, variables, rng) -> TrainState:
       centroid_state=centroid_state, rng=rng)
 
 
+def unreplicate(tree):
+  """The first device's copy of a pmap-replicated tree (leading device axis removed).
+
+  (flax.jax_utils.unreplicate keeps the device axis when pmap ran on 1 of several devices.)
+  """
+  return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
+
+
 def _softmax(logits):
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 

@@ -365,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
       best = summary[BEST_METRIC] if best is None else max(best, summary[BEST_METRIC])
     if do_eval or step % t.checkpoint_every_steps == 0:
-      state = jax.device_get(flax.jax_utils.unreplicate(rstate))
+      state = jax.device_get(ts.unreplicate(rstate))
       manager.save(step, args=ocp.args.StandardSave(_state_tree(state)),
                    metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None)
   manager.wait_until_finished()
