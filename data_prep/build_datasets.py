@@ -89,7 +89,8 @@ def main(argv=None):
   parser.add_argument("--config", default=None,
                       help="builder config (gta5: 1280x720|full, synthia: 1280x760|full, cityscapes: "
                            "1024x512|full, demo: source|target); 'all' builds every config")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--skip_corrupt", action="store_true", help="skip unreadable files (reported) instead of failing")
   parser.add_argument("--num_workers", type=int, default=None, help="decode/resize threads (default: #cores, max 8)")
   args = parser.parse_args(argv)

@@ -221,7 +221,9 @@ def test_missing_dataset_error_names_build_command(tmp_path):
                            batch_size_per_device=1, num_local_devices=1, num_classes=19, seed=0,
                            shard_index=0, num_shards=1))
   assert isinstance(info.value, FileNotFoundError)
-  assert f"python data_prep/build_datasets.py gta5 --manual_dir=/path/to/gta5 --config=1280x720 --data_dir={tmp_path}" in str(info.value)
+  expected = ("python data_prep/build_datasets.py gta5 --manual_dir=/path/to/gta5 --config=1280x720"
+              f" --data_dir={tmp_path}")
+  assert expected in str(info.value)
   with pytest.raises(ip.DatasetNotBuiltError, match="build_datasets.py demo"):
     ip.num_examples("udajax_demo", "source", "train", str(tmp_path))
 

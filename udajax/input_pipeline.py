@@ -372,7 +372,8 @@ def eval_iterator(
   (needed by multi-host pmap), the last ones padded with mask False and label 255.
 
   Args:
-    image_size: (H, W) of the images; None = the stored size.
+    image_size: (H, W) of the images; None = the stored size (examples batched together must
+      share it: set it for GTA5 "full", whose frames differ slightly in size).
     label_size: (H, W) of the labels; None = same as the image. E.g. image (512, 1024) with
       label (1024, 2048) from the "full" config for full-resolution evaluation.
   Yields:
@@ -382,6 +383,8 @@ def eval_iterator(
   shard_index, num_shards = _shard_defaults(shard_index, num_shards)
   builder, source = _data_source(name, builder_config, split, data_dir)
   del builder
+  if len(source) == 0:
+    raise ValueError(f"{name}/{builder_config} split {split!r} is empty")
   local_batch = batch_size_per_device * num_local_devices
   idx, mask = eval_shard_indices(len(source), shard_index, num_shards, local_batch)
   if label_size is None:

@@ -123,11 +123,6 @@ def decode_pil(data: bytes, path: str, modes: Tuple[str, ...]) -> Image.Image:
   return img
 
 
-def decode_rgb(data: bytes, path: str) -> Image.Image:
-  img = decode_pil(data, path, ("RGB", "RGBA", "P", "L", "I;16", "I"))
-  return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def decode_png16(data: bytes, path: str) -> np.ndarray:
   """Decodes a (possibly 16-bit, multi-channel) PNG keeping every channel: (H, W, C) uint16."""
   if data[:8] != b"\x89PNG\r\n\x1a\n":

@@ -261,8 +261,11 @@ class UdajaxDemo(common.Builder, skip_registration=True):
   """Procedural street scenes in two appearance domains (source / target); see module docstring."""
 
   name = "udajax_demo"
-  VERSION = common.VERSION
-  RELEASE_NOTES = common.RELEASE_NOTES
+  VERSION = common.tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Softer target shift (hue rotation 30 degrees, saturation 0.85); rebuilds stale demos.",
+  }
   BUILDER_CONFIGS = [
       common.SegConfig(name="source", description="Source domain appearance.", size=(WIDTH, HEIGHT)),
       common.SegConfig(name="target", description="Target domain appearance.", size=(WIDTH, HEIGHT)),
