@@ -23,7 +23,6 @@ def get_config():
   c.source.builder_config = "source"
   c.target.builder_config = "target"
   c.eval.builder_config = "target"
-  c.eval.label_builder_config = "target"
   c.eval.batch_size_per_device = 8
   c.eval.every_steps = 250
   c.eval.num_images_to_log = 3

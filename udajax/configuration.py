@@ -54,9 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.builder_config = "1024x512"
   c.eval.split = "validation"
   c.eval.image_size = (512, 1024)
-  # () = labels at the image size (the reference protocol); (1024, 2048) = full-resolution labels.
+  # () = labels at the image size (the reference protocol: image and label at 1024x512).
+  # Full-resolution labels: builder_config="full", label_size=(1024, 2048) (the image is resized
+  # to image_size on the fly and the logits upsampled to the label size).
   c.eval.label_size = ()
-  c.eval.label_builder_config = "full"  # where full-resolution labels are read from
   c.eval.flip = False  # flip test-time augmentation
   c.eval.batch_size_per_device = 1
   c.eval.every_steps = 2500
