@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.ortho_temperature = 1.0
   c.loss.sparsity_rho = 0.5
   c.loss.sparsity_power = 2.0
-  c.loss.source_assignment = "labels"
+  # Source feature -> class assignment: "predictions" (the reference's default, used for the
+  # paper's runs: --use_source_gt is not passed) or "labels" (reference --use_source_gt).
+  c.loss.source_assignment = "predictions"
   c.loss.centroid_smoothing = -1.0  # < 0: off; else alpha in [0, 1]
   return c
 
