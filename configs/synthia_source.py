@@ -8,14 +8,8 @@ Expect (paper, Cityscapes val): 40.5 mIoU over 13 classes (`eval/mIoU13`).
 """
 
 from configs import synthia
+from udajax import configuration
 
 
 def get_config():
-  c = synthia.get_config()
-  c.init_checkpoint = "pretrained/deeplab_r101_imagenet"
-  c.train.mode = "source_only"
-  c.train.num_steps = 200_000
-  c.train.stop_step = 80_000
-  c.eval.every_steps = 5000
-  c.train.checkpoint_every_steps = 5000
-  return c
+  return configuration.make_source_only(synthia.get_config())

@@ -98,6 +98,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def make_source_only(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a UDA config into the reference's source-only pretraining run (in place).
+
+  ImageNet init, cross-entropy only, the 200,000-step poly schedule stopped at 80,000 steps.
+  """
+  c.init_checkpoint = "pretrained/deeplab_r101_imagenet"
+  c.train.mode = "source_only"
+  c.train.num_steps = 200_000
+  c.train.stop_step = 80_000
+  c.eval.every_steps = 5000
+  c.train.checkpoint_every_steps = 5000
+  return c
+
+
 class ConfigError(ValueError):
   """A config key is unknown or has an impossible value."""
 
