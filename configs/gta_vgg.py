@@ -14,9 +14,6 @@ def get_config():
   c = configuration.base_config()
   c.init_checkpoint = "pretrained/gta5_source_vgg16"
   c.model.backbone = "vgg16"
-  # The reference's VGG DeepLab trains its classifier at 1x lr (ResNet: 10x); we follow the
-  # reference, whose code produced the paper's VGG numbers (docs/MODEL.md).
-  c.train.head_lr_mult = 1.0
   c.loss.lambda_cl = 1e-1
   c.loss.lambda_or = 2e-2
   c.loss.lambda_sp = 2e-2

@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax.training import train_state as flax_train_state
 
 from udajax import losses
@@ -178,9 +179,11 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, mode
   rng, _ = jax.random.split(state.rng)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats,
                                   centroid_state=centroid_state, rng=rng)
-  # A NaN/Inf step leaves params, optimiser, BN and centroid state untouched (step still advances).
-  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated,
-                                     state.replace(step=updated.step, rng=rng))
+  # A NaN/Inf step leaves params, momentum, BN and centroid state untouched; the step and the
+  # optimiser's schedule counters still advance, so the lr stays a function of the step.
+  skipped = state.replace(step=updated.step, rng=rng,
+                          opt_state=optax.tree_utils.tree_set(state.opt_state, count=updated.step))
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
   out = dict(terms)
   out["lr"] = schedule(state.step)
   out["finite"] = finite.astype(jnp.float32)
