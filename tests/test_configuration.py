@@ -6,7 +6,8 @@ import pytest
 
 from udajax import configuration
 
-CONFIGS = ["gta", "gta_source", "gta_vgg", "synthia", "synthia_source", "synthia_vgg", "demo"]
+CONFIGS = ["gta", "gta_source", "gta_vgg", "gta_vgg_source", "synthia", "synthia_source",
+           "synthia_vgg", "synthia_vgg_source", "demo"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -39,9 +40,14 @@ def test_paper_settings(name):
   assert c.train.mode == "uda" and c.train.num_steps == 24750
 
 
-def test_source_only_schedule():
-  c = importlib.import_module("configs.gta_source").get_config()
+@pytest.mark.parametrize("name,backbone,classes", [
+    ("gta_source", "resnet101", 19), ("synthia_source", "resnet101", 16),
+    ("gta_vgg_source", "vgg16", 19), ("synthia_vgg_source", "vgg16", 16)])
+def test_source_only_configs(name, backbone, classes):
+  c = importlib.import_module(f"configs.{name}").get_config()
   assert c.train.mode == "source_only" and c.train.num_steps == 200_000 and c.train.stop_step == 80_000
+  assert c.model.backbone == backbone and c.num_classes == classes
+  assert c.init_checkpoint.endswith("vgg16_imagenet" if backbone == "vgg16" else "deeplab_r101_imagenet")
 
 
 def test_unknown_key_is_named():

@@ -101,9 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
 def make_source_only(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns a UDA config into the reference's source-only pretraining run (in place).
 
-  ImageNet init, cross-entropy only, the 200,000-step poly schedule stopped at 80,000 steps.
+  ImageNet init (converted from the reference's DeepLab ResNet-101 init or torchvision's VGG-16),
+  cross-entropy only, the 200,000-step poly schedule stopped at 80,000 steps.
   """
-  c.init_checkpoint = "pretrained/deeplab_r101_imagenet"
+  c.init_checkpoint = ("pretrained/vgg16_imagenet" if c.model.backbone == "vgg16"
+                       else "pretrained/deeplab_r101_imagenet")
   c.train.mode = "source_only"
   c.train.num_steps = 200_000
   c.train.stop_step = 80_000
