@@ -4,8 +4,13 @@
 
 Multi-host: launch one process per host with --coordinator_address/--num_processes/--process_id
 (or --distributed on a cluster where `jax.distributed.initialize()` finds them itself).
+
+Exit status: 0 when training finished or was preempted (SIGTERM: the current step finishes, a
+checkpoint is saved; run the same command again to resume), 2 on a user error (bad flag or config
+key, missing data or checkpoint, divergence), printed as one `error: ...` line without traceback.
 """
 
+import difflib
 import logging as logging_std
 import os
 import sys
@@ -34,11 +39,57 @@ class _QuietLibraries(logging_std.Filter):
         part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/tensorflow/"))
 
 
+def _flag_error(argv, e) -> str:
+  """One line for a command-line parse failure, naming an unknown `--config.*` key if any."""
+  from udajax import configuration  # light: no jax/TF
+  schema = configuration.base_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, done = schema, []
+    for key in path:
+      if not hasattr(node, "keys") or key not in node:
+        known = list(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean '{'.'.join(done + close)}'? " if close else ""
+        where = ".".join(done) or "the top level"
+        return (f"config key '{'.'.join(path)}' is unknown ({arg}): {hint}"
+                f"known keys of {where}: {', '.join(sorted(known))}")
+      node, done = node[key], done + [key]
+  text = " ".join(str(e).replace("\\n", " ").split())
+  return f"bad command line ({type(e).__name__}): {text}; see python train.py --help"
+
+
+def _parse_flags(argv):
+  """absl flag parsing that reports a bad flag, config file or override as one line (exit 2)."""
+  try:
+    args = flags.FLAGS(argv)
+  except Exception as e:  # absl / ml_collections raise several types (AttributeError, KeyError...)
+    if "--config must have a value" in str(e):
+      message = "--config is required, e.g. python train.py --config=configs/demo.py"
+    else:
+      message = _flag_error(argv, e)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  try:
+    _CONFIG.value.keys()  # ml_collections defers a config file's load error to the first access
+  except Exception as e:
+    cause = e.__cause__ or e
+    print(f"error: cannot load config file {flags.FLAGS['config'].config_filename} "
+          f"({type(cause).__name__}: {' '.join(str(cause).split())}): check the path and that it "
+          "defines get_config()", file=sys.stderr, flush=True)
+    sys.exit(2)
+  return args
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # imported here so XLA_FLAGS set by a launcher take effect
   if _COORDINATOR.value or _DISTRIBUTED.value:
+    # Cross-process collectives of the CPU backend (tests, CPU clusters); GPU/TPU are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from udajax import errors
@@ -49,13 +100,37 @@ def main(argv):
       "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  preempted = None
   try:
     trainer.train_and_evaluate(_CONFIG.value, workdir)
+  except trainer.Preempted as e:
+    preempted = e  # keeps the training frames (and the input pipeline) alive: see _exit_preempted
   except errors.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  if preempted is not None:
+    _exit_preempted(preempted)
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+def _exit_preempted(e) -> None:
+  """Exits 0 right away once the preemption checkpoint is committed and the logs are flushed.
+
+  Tearing down the still-running tf.data input pipeline (its parallel map calls Python) can take
+  tens of seconds with several processes on a busy machine; a preempted job rarely has that long
+  before SIGKILL, and there is nothing left to save, so the interpreter's cleanup is skipped.
+  """
+  import jax
+  print(str(e), file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

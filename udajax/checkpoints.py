@@ -5,7 +5,10 @@ written by `data_prep/convert_torch_checkpoint.py` and named by `config.init_che
 """
 
 import os
+import time
+from typing import List
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -13,6 +16,41 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+# orbax 0.12.8 writes this file into a step directory as the last act of a save, before it
+# renames `<step>.orbax-checkpoint-tmp-<n>` to `<step>` (local disks) or in place (GCS). A step
+# directory without it was not finished (e.g. copied half-way, or a save killed on a file system
+# without atomic rename); orbax's own step listing does *not* check it, so we do.
+COMMIT_MARKER = "commit_success.txt"
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def is_complete_step_dir(path: str) -> bool:
+  """True when `path` is a finished orbax step directory (it has the commit marker)."""
+  return os.path.isfile(os.path.join(path, COMMIT_MARKER))
+
+
+def quarantine_incomplete_steps(directory: str) -> List[str]:
+  """Renames unfinished step directories `<step>/` of `directory` to `<step>.incomplete-<time>`.
+
+  orbax then ignores them (its temporary `*.orbax-checkpoint-tmp-*` directories it ignores and,
+  with `cleanup_tmp_directories`, deletes itself), so a resume falls back to the latest complete
+  checkpoint and a later save of the same step does not collide. Nothing is deleted. Returns the
+  new paths. Call on one process only.
+  """
+  moved = []
+  if not os.path.isdir(directory):
+    return moved
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.isdigit() and os.path.isdir(path) and not is_complete_step_dir(path):
+      new = f"{path}{INCOMPLETE_SUFFIX}-{int(time.time())}"
+      os.rename(path, new)
+      logging.warning("checkpoint step %s in %s is incomplete (no %s): ignored, moved to %s",
+                      name, directory, COMMIT_MARKER, new)
+      moved.append(new)
+  return moved
 
 
 def save_variables(path: str, variables) -> str:

@@ -7,13 +7,21 @@ Work directory layout:
                                    by target mIoU); a restarted job resumes from the latest
     workdir/events.out.tfevents.*  clu metric logs (TensorBoard), written by process 0 only
     workdir/source_only/           the source-only stage when `train.warmup_source_only_steps` > 0
+
+Resilience (see docs/RESILIENCE.md): a restarted job resumes exactly (same data order,
+augmentation, RNG and centroid state); SIGTERM (preemption) finishes the current step, saves a
+checkpoint and raises `Preempted` (multi-host: orbax's preemption sync point); unfinished
+checkpoint directories are ignored; a NaN/Inf loss stops with `TrainingDiverged` or is skipped.
 """
 
 import copy
 import functools
 import json
 import os
+import signal
+import threading
 import time
+import warnings
 from typing import Dict, Optional
 
 from absl import logging
@@ -41,6 +49,51 @@ class TrainingDiverged(RuntimeError):
   """A loss term became NaN/Inf and `train.on_nan` is "stop"."""
 
 
+class Preempted(Exception):
+  """Training stopped early on SIGTERM (or a multi-host preemption notice) after saving a
+  checkpoint at `step`; restarting the same command resumes from it."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: stopped at step {step} after saving a checkpoint in {directory}; "
+                     "run the same command again to resume")
+    self.step = step
+    self.directory = directory
+
+
+class _PreemptionNotice:
+  """Turns SIGTERM into a flag that the training loop polls after every step.
+
+  Single process: a Python signal handler (installed from the main thread only). With
+  `jax.distributed` initialised, JAX's preemption sync manager already listens for SIGTERM and
+  agrees a common step with every process (`CheckpointManager.reached_preemption`), so no
+  handler is installed: replacing JAX's would break that agreement.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    """True when training should save and stop after `step` (call at every step, all processes)."""
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self.signum is not None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -53,10 +106,27 @@ def checkpoint_manager(workdir: str, config, *, read_only: bool = False) -> ocp.
       cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
                keep_checkpoints_without_metrics=False),
   ])
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not read_only:
+    if jax.process_index() == 0:
+      ckpt_lib.quarantine_incomplete_steps(directory)
+    _sync("checkpoints_checked")
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                         create=not read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+                                         create=not read_only,
+                                         cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _complete_steps(manager) -> list:
+  """The manager's steps whose directories are finished (see checkpoints.COMMIT_MARKER)."""
+  return [s for s in manager.all_steps()
+          if ckpt_lib.is_complete_step_dir(os.path.join(str(manager.directory), str(s)))]
 
 
 def _state_tree(state: ts.TrainState) -> dict:
@@ -65,8 +135,16 @@ def _state_tree(state: ts.TrainState) -> dict:
 
 
 def _restore_state(manager, step, state: ts.TrainState) -> ts.TrainState:
+  """Restores checkpoint `step` into `state`'s structure (CheckpointError if it does not fit)."""
   target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-  tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+  try:
+    tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # orbax raises many types for a damaged or mismatching checkpoint.
+    raise ckpt_lib.CheckpointError(
+        f"cannot resume from checkpoint step {step} in {manager.directory}: {type(e).__name__}: "
+        f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, "
+        "loss.centroid_smoothing), use a new --workdir; if the step is damaged, delete it to "
+        "resume from an earlier one") from e
   return state.replace(**tree)
 
 
@@ -77,11 +155,26 @@ def is_workdir(path: str) -> bool:
 def load_workdir_variables(path: str) -> dict:
   """params and batch_stats of a udajax workdir's best (else latest) checkpoint, as numpy."""
   manager = checkpoint_manager(path, None, read_only=True)
-  step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
+  complete = _complete_steps(manager)
+  step = manager.best_step()
+  if step not in complete:
+    step = complete[-1] if complete else None
   if step is None:
-    raise ckpt_lib.CheckpointError(f"work directory {path} has no checkpoint yet")
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+    raise ckpt_lib.CheckpointError(
+        f"work directory {path} has no complete checkpoint yet: train in it first, or set "
+        "config.init_checkpoint to another workdir or converted checkpoint")
+  try:
+    tree = manager.restore(step, args=ocp.args.StandardRestore())
+  except Exception as e:  # orbax raises many types for a damaged directory.
+    raise ckpt_lib.CheckpointError(
+        f"cannot read checkpoint step {step} of work directory {path}: {type(e).__name__}: "
+        f"{_one_line(e)}; delete that step directory to use an earlier one") from e
   return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+
+
+def _one_line(e, limit=300) -> str:
+  text = " ".join(str(e).split())
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _flatten(tree, prefix=()):
@@ -139,11 +232,11 @@ def initial_variables(config, rng, *, require_classifier: bool = False) -> dict:
   A checkpoint without a classifier (an ImageNet init) gets a fresh ASPP head, as the reference
   does; with `require_classifier` (evaluation) that is an error instead.
   """
-  fresh = ts.init_variables(config, rng)
   path = config.init_checkpoint
   if not path:
-    return fresh
-  loaded = load_init_tree(path)
+    return ts.init_variables(config, rng)
+  loaded = load_init_tree(path)  # before the init: a bad path fails fast
+  fresh = ts.init_variables(config, rng)
   merged = merge_init_variables(fresh, loaded, path)
   if "classifier" not in (loaded.get("params") or {}):
     if require_classifier:
@@ -163,9 +256,33 @@ def prepare_datasets(config) -> None:
   if "udajax_demo" in names and jax.process_index() == 0:
     from udajax import datasets
     datasets.ensure_demo_built(config.data_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("datasets_ready")
+  _sync("datasets_ready")
+  check_train_sizes(config)
+
+
+def check_train_sizes(config) -> None:
+  """Rejects a training crop larger than the stored images (an upscale is a config mistake).
+
+  The pipeline resizes the stored images to `image_size` on the fly; downscaling is fine (and
+  evaluation may use any size), but enlarging training images only blurs them and costs time,
+  so it is almost always a wrong key or builder config. Also fails early when a training
+  dataset is not built (DatasetNotBuiltError naming the build command).
+  """
+  from udajax import datasets
+  domains = ["source"] + (["target"] if config.train.mode == "uda" else [])
+  for domain in domains:
+    d = config[domain]
+    builder = datasets.load_builder(d.name, d.builder_config, config.data_dir)
+    stored = tuple(builder.info.features["image"].shape[:2])
+    if None in stored:
+      continue  # original-size config: sizes vary per example
+    h, w = tuple(d.image_size)
+    if h > stored[0] or w > stored[1]:
+      raise configuration.ConfigError(
+          f"config key '{domain}.image_size' = {(h, w)} is larger than the stored images of "
+          f"{d.name}/{d.builder_config} ({stored[0]}x{stored[1]}, HxW): training images would be "
+          f"upscaled. Set {domain}.image_size to at most {stored}, or build and use a larger "
+          f"builder config ({domain}.builder_config, e.g. 'full')")
 
 
 # ----------------------------------------------------------------------------- data
@@ -324,52 +441,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                last_step, jax.device_count(), jax.process_count())
 
   step = start_step
-  while step < last_step:
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = next(batches)
-      rstate, m = p_train_step(rstate, batch)
-    step += 1
-    m = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], m))
-    if m["finite"] < 1:
-      bad = sorted(k for k, v in m.items() if not np.isfinite(v)) or ["gradient"]
-      msg = f"non-finite loss at step {step}: {', '.join(bad)} (values: " + ", ".join(
-          f"{k}={m[k]}" for k in bad if k in m) + ")"
-      if t.on_nan == "stop":
-        manager.wait_until_finished()
-        raise TrainingDiverged(msg + f"; training stopped, the last good checkpoint is in "
-                               f"{manager.directory} (set train.on_nan='skip' to skip such steps)")
-      logging.warning("%s; update skipped", msg)
-    train_metrics.append(m)
-    for h in hooks:
-      h(step)
+  preempted = False
+  with _PreemptionNotice() as notice:
+    while step < last_step:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(batches)
+        rstate, m = p_train_step(rstate, batch)
+      step += 1
+      m = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], m))
+      if m["finite"] < 1:
+        bad = sorted(k for k, v in m.items() if not np.isfinite(v))
+        what = ", ".join(f"{k}={m[k]}" for k in bad) if bad else "a gradient (losses finite)"
+        msg = f"training diverged: non-finite loss at step {step}: {what}"
+        if t.on_nan == "stop":
+          manager.wait_until_finished()
+          writer.flush()
+          good = manager.latest_step()
+          where = (f"the last good checkpoint is step {good} in {manager.directory}"
+                   if good is not None else "no checkpoint was written yet")
+          raise TrainingDiverged(f"{msg}; {where}. Lower train.lr, or set train.on_nan='skip' "
+                                 "to skip such updates")
+        logging.warning("%s; update skipped", msg)
+      train_metrics.append(m)
+      for h in hooks:
+        h(step)
 
-    if step % t.log_every_steps == 0 or step == last_step:
-      keys = train_metrics[-1].keys()
-      mean = {f"train/{k}": float(np.nanmean([x[k] for x in train_metrics])) for k in keys
-              if k != "finite"}
-      mean["train/skipped_steps"] = float(sum(1 - x["finite"] for x in train_metrics))
-      writer.write_scalars(step, mean)
-      train_metrics = []
+      if step % t.log_every_steps == 0 or step == last_step:
+        keys = train_metrics[-1].keys()
+        with warnings.catch_warnings():  # all-NaN window (skipped steps): the mean is NaN
+          warnings.simplefilter("ignore", RuntimeWarning)
+          mean = {f"train/{k}": float(np.nanmean([x[k] for x in train_metrics])) for k in keys
+                  if k != "finite"}
+        mean["train/skipped_steps"] = float(sum(1 - x["finite"] for x in train_metrics))
+        writer.write_scalars(step, mean)
+        train_metrics = []
 
-    do_eval = step % config.eval.every_steps == 0 or step == last_step
-    eval_metrics = None
-    if do_eval:
-      with report.timed("eval"):
-        summary, panels = evaluate(config, p_eval_step, rstate.params, rstate.batch_stats,
-                                   num_images=config.eval.num_images_to_log)
-      eval_metrics = {k: v for k, v in summary.items()}
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items() if np.isfinite(v)})
-      if panels is not None:
-        writer.write_images(step, {"eval/input_label_prediction": panels})
-      logging.info("step %d eval:\n%s", step, metrics_lib.format_table(
-          {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
-      best = summary[BEST_METRIC] if best is None else max(best, summary[BEST_METRIC])
-    if do_eval or step % t.checkpoint_every_steps == 0:
-      state = jax.device_get(ts.unreplicate(rstate))
-      manager.save(step, args=ocp.args.StandardSave(_state_tree(state)),
-                   metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None)
+      do_eval = step % config.eval.every_steps == 0 or step == last_step
+      eval_metrics = None
+      if do_eval:
+        with report.timed("eval"):
+          summary, panels = evaluate(config, p_eval_step, rstate.params, rstate.batch_stats,
+                                     num_images=config.eval.num_images_to_log)
+        eval_metrics = {k: v for k, v in summary.items()}
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items() if np.isfinite(v)})
+        if panels is not None:
+          writer.write_images(step, {"eval/input_label_prediction": panels})
+        logging.info("step %d eval:\n%s", step, metrics_lib.format_table(
+            {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
+        best = summary[BEST_METRIC] if best is None else max(best, summary[BEST_METRIC])
+      if do_eval or step % t.checkpoint_every_steps == 0:
+        state = jax.device_get(ts.unreplicate(rstate))
+        manager.save(step, args=ocp.args.StandardSave(_state_tree(state)),
+                     metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None)
+      if step < last_step and notice.reached(manager, step):
+        if manager.latest_step() != step:
+          state = jax.device_get(ts.unreplicate(rstate))
+          manager.save(step, args=ocp.args.StandardSave(_state_tree(state)), force=True)
+        preempted = True
+        break
   manager.wait_until_finished()
   writer.flush()
+  if preempted:
+    logging.warning("Preempted: checkpoint saved at step %d in %s", step, manager.directory)
+    raise Preempted(step, str(manager.directory))
 
   if summary is None:  # resumed at the end: evaluate the final state once more
     summary, _ = evaluate(config, p_eval_step, rstate.params, rstate.batch_stats)
