@@ -6,7 +6,8 @@ Builds the `udajax_demo` TFDS dataset on first use (seconds), trains source-only
 `source` domain, then adapts to the `target` domain with the paper's objectives (clustering,
 orthogonality, sparsity, IW max-square) from that model, and prints the target per-class IoU
 of both. Same code path as the paper configs, only smaller. About 5 minutes on 2 CPU cores.
-Expect: adapted target mIoU above source-only (see docs/RESULTS.md for measured numbers).
+Expect (target val mIoU, docs/RESULTS.md): source-only 24.1 -> adapted 33.8 for seed 0;
+22.9 +- 0.8 -> 32.0 +- 1.3 over seeds 0-2.
 """
 
 from udajax import configuration
