@@ -1,0 +1,165 @@
+"""User mistakes give one clear error line (what, where, how to fix), never a traceback.
+
+Library-level checks call the function the trainer calls and check the message; the command-line
+checks run `python train.py` / `python data_prep/build_datasets.py` and check the exit status and
+that stderr holds an `error: ...` line and no traceback. Listed in README.md "Troubleshooting".
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests import fake_data
+from tests import train_cli
+from udajax import checkpoints as ckpt_lib
+from udajax import configuration
+from udajax import datasets
+from udajax import train_step as ts
+from udajax import trainer
+
+
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory):
+  return train_cli.demo_data_dir(tmp_path_factory)
+
+
+def _one_error_line(stderr):
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def _tiny_variables(c):
+  """Variables of the model of config `c`, all ones (shapes only: nothing is compiled)."""
+  model = ts.create_model(c, axis_name=None)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3)),
+                                             train=False))
+  return jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype), shapes)
+
+
+def _save_tiny_variables(path, **model):
+  """A converted-checkpoint-style directory of a tiny model with `model` overrides."""
+  c = train_cli.config(None)
+  for k, v in model.items():
+    if k == "num_classes":
+      c.num_classes = v
+    else:
+      c.model[k] = v
+  variables = _tiny_variables(c)
+  return ckpt_lib.save_variables(str(path), {"params": variables["params"],
+                                             "batch_stats": variables.get("batch_stats", {})})
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_unknown_config_key_on_the_command_line(tmp_path):
+  r = train_cli.run([sys.executable, "train.py", "--config=configs/demo.py",
+                     f"--workdir={tmp_path}", "--config.train.lrr=1e-3"], timeout=120)
+  assert r.returncode == 2
+  line = _one_error_line(r.stderr)
+  assert "'train.lrr' is unknown" in line and "did you mean 'train.lr'" in line, line
+
+
+def test_corrupt_png_in_manual_dir(tmp_path):
+  fake_data.write_gta5(tmp_path / "gta5", n=3)
+  bad = tmp_path / "gta5" / "images" / "00002.png"
+  fake_data.corrupt_png(bad)
+  r = train_cli.run([sys.executable, "data_prep/build_datasets.py", "gta5", "--config=full",
+                     f"--manual_dir={tmp_path / 'gta5'}", f"--data_dir={tmp_path / 'data'}"],
+                    timeout=120)
+  assert r.returncode != 0
+  line = _one_error_line(r.stderr)
+  assert str(bad) in line and "cannot decode" in line, line
+  assert "--skip_corrupt" in r.stderr
+
+
+# ------------------------------------------------------------------------------ library
+
+
+def test_missing_dataset_names_the_build_command(demo_data_dir, tmp_path):
+  c = train_cli.config(str(tmp_path / "empty"), **{"source.name": "gta5",
+                                                   "source.builder_config": "1280x720"})
+  with pytest.raises(datasets.DatasetNotBuiltError) as info:
+    trainer.check_train_sizes(c)
+  msg = str(info.value)
+  assert "gta5/1280x720 is not built" in msg and "python data_prep/build_datasets.py gta5" in msg
+
+
+def test_training_crop_larger_than_stored_images(demo_data_dir):
+  c = train_cli.config(demo_data_dir, **{"source.image_size": (192, 384)})
+  with pytest.raises(configuration.ConfigError) as info:
+    trainer.check_train_sizes(c)
+  msg = str(info.value)
+  assert "'source.image_size' = (192, 384)" in msg and "(96x192, HxW)" in msg, msg
+  trainer.check_train_sizes(train_cli.config(demo_data_dir, **{"source.image_size": (64, 128)}))
+
+
+def test_unknown_key_and_negative_lambda_in_a_config():
+  c = train_cli.config(None)
+  c.loss.lambda_or = -1.0
+  with pytest.raises(configuration.ConfigError, match=r"'loss.lambda_or' = -1.0: loss weights must be >= 0"):
+    configuration.validate_config(c)
+  c = train_cli.config(None)
+  with c.unlocked():
+    c.train.lrr = 1.0
+  with pytest.raises(configuration.ConfigError, match=r"'train.lrr' is unknown"):
+    configuration.validate_config(c)
+
+
+def test_missing_init_checkpoint(tmp_path):
+  c = train_cli.config(None, init_checkpoint=str(tmp_path / "nope"))
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    trainer.initial_variables(c, jax.random.PRNGKey(0))
+  assert "does not exist" in str(info.value)
+  assert "convert_torch_checkpoint.py" in str(info.value)
+
+
+def test_corrupt_init_checkpoint(tmp_path):
+  path = _save_tiny_variables(tmp_path / "ckpt")
+  for root, _, files in os.walk(path):
+    for f in files:  # overwrite every data and metadata file with garbage
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"\x00garbage")
+  c = train_cli.config(None, init_checkpoint=path)
+  with pytest.raises(ckpt_lib.CheckpointError, match="cannot read checkpoint"):
+    trainer.initial_variables(c, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("model,needle", [
+    ({"num_classes": 16}, "shape of params/classifier"),
+    ({"backbone": "vgg16"}, "unexpected params/"),
+])
+def test_init_checkpoint_for_another_model(tmp_path, model, needle):
+  path = _save_tiny_variables(tmp_path / "ckpt", **model)
+  c = train_cli.config(None, init_checkpoint=path)
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    trainer.initial_variables(c, jax.random.PRNGKey(0))
+  msg = str(info.value)
+  assert "does not fit the configured model (check config.num_classes" in msg and needle in msg, msg
+  assert "\n" not in msg
+
+
+def test_workdir_without_complete_checkpoint_as_init(tmp_path):
+  os.makedirs(tmp_path / "run" / "checkpoints" / "5")  # unfinished: no commit marker
+  with pytest.raises(ckpt_lib.CheckpointError, match="no complete checkpoint"):
+    trainer.load_init_tree(str(tmp_path / "run"))
+
+
+def test_resume_with_a_changed_config(tmp_path):
+  """A work directory restarted with another model config fails with a clear message."""
+  import orbax.checkpoint as ocp
+  c16 = train_cli.config(None, num_classes=16)
+  rng = jax.random.PRNGKey(0)
+  state16 = ts.create_train_state(c16, _tiny_variables(c16), rng)
+  manager = trainer.checkpoint_manager(str(tmp_path), c16)
+  manager.save(1, args=ocp.args.StandardSave(trainer._state_tree(jax.device_get(state16))))
+  manager.wait_until_finished()
+  c19 = train_cli.config(None)
+  state19 = ts.create_train_state(c19, _tiny_variables(c19), rng)
+  with pytest.raises(ckpt_lib.CheckpointError, match="cannot resume from checkpoint step 1 .*use a new --workdir"):
+    trainer._restore_state(trainer.checkpoint_manager(str(tmp_path), c19), 1, state19)

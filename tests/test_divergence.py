@@ -1,0 +1,48 @@
+"""Divergence guard (`train.on_nan`): a NaN/Inf loss stops with one clear line and keeps the last
+good checkpoint ("stop"), or the update is skipped and counted in `train/skipped_steps` ("skip").
+
+A learning rate of 1e8 blows the tiny demo model up: step 2's loss is huge but finite, step 3's
+is NaN.
+"""
+
+import numpy as np
+import pytest
+
+from tests import train_cli
+from udajax import trainer
+
+DIVERGE = {"train.lr": 1e8, "train.num_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory):
+  return train_cli.demo_data_dir(tmp_path_factory)
+
+
+def test_stop_on_nan_one_line_keeps_last_good_checkpoint(demo_data_dir, tmp_path):
+  work = str(tmp_path / "run")
+  r = train_cli.run(train_cli.flags(demo_data_dir, work, **DIVERGE))
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  line = errors[0]
+  assert line.startswith("error: training diverged: non-finite loss at step 3: "), line
+  assert "total=nan" in line and "ce=nan" in line, line
+  assert f"the last good checkpoint is step 2 in {work}/checkpoints" in line, line
+  assert "train.on_nan='skip'" in line and "train.lr" in line
+  assert train_cli.complete_steps(work) == [1, 2]
+  params = trainer.load_workdir_variables(work)["params"]
+  assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))
+
+
+def test_skip_on_nan_continues_and_counts(demo_data_dir, tmp_path):
+  work = str(tmp_path / "run")
+  c = train_cli.config(demo_data_dir, **{**DIVERGE, "train.on_nan": "skip"})  # same compilation
+  trainer.train_and_evaluate(c, work)
+  skipped = train_cli.scalars(work)["train/skipped_steps"]
+  assert sorted(skipped) == [1, 2, 3, 4, 5, 6]
+  assert skipped[1] == [0.0] and skipped[2] == [0.0] and skipped[3] == [1.0], skipped
+  assert train_cli.complete_steps(work)[-1] == 6
+  params = trainer.load_workdir_variables(work)["params"]
+  assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))

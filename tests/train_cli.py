@@ -1,0 +1,133 @@
+"""Helpers for the resilience tests: run `python train.py` as a subprocess on a tiny demo config,
+and read back TensorBoard scalars and checkpoints.
+
+Subprocesses inherit the environment pytest set up in conftest.py (4 forced CPU devices, the
+persistent JAX compilation cache), so they reuse the compilations of the in-process runs.
+"""
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny demo run: 4-channel ResNet stem, 1 block per stage, batch 1 per device, every step logged
+# and checkpointed, the centroid EMA on (so its state must survive a restart), only a final eval.
+TINY = {
+    "model.base_width": 4,
+    "train.batch_size_per_device": 1,
+    "train.num_steps": 10,
+    "train.warmup_source_only_steps": 0,
+    "train.log_every_steps": 1,
+    "train.checkpoint_every_steps": 1,
+    "train.keep_checkpoints": 2,
+    "eval.every_steps": 1000,
+    "eval.num_images_to_log": 0,
+    "loss.centroid_smoothing": 0.5,
+}
+
+
+_DEMO_DATA = {}
+
+
+def demo_data_dir(tmp_path_factory) -> str:
+  """The demo dataset, built once per test session (shared by the resilience test modules)."""
+  if "dir" not in _DEMO_DATA:
+    from udajax import datasets
+    data_dir = str(tmp_path_factory.mktemp("tfds_resilience"))
+    datasets.ensure_demo_built(data_dir)
+    _DEMO_DATA["dir"] = data_dir
+  return _DEMO_DATA["dir"]
+
+
+def config(data_dir, **overrides):
+  """configs/demo.py with TINY and `overrides` ({"train.lr": 1.0} style keys) applied."""
+  c = importlib.import_module("configs.demo").get_config()
+  c.data_dir = data_dir
+  for key, value in {**TINY, **overrides}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def flags(data_dir, workdir, **overrides):
+  """The command line equivalent of `config(data_dir, **overrides)`."""
+  args = [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs", "demo.py"),
+          f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
+  for key, value in {**TINY, **overrides}.items():
+    args.append(f"--config.{key}={value}")
+  return args
+
+
+def env(**extra):
+  e = dict(os.environ)
+  e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  e.update(extra)
+  return e
+
+
+def run(args, timeout=300, **env_extra):
+  """Runs a command to completion; returns CompletedProcess with text stdout/stderr."""
+  return subprocess.run(args, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start(args, log_path, **env_extra):
+  """Starts a command in the background with stdout+stderr to `log_path`."""
+  log = open(log_path, "w")
+  return subprocess.Popen(args, cwd=ROOT, env=env(**env_extra), stdout=log, stderr=subprocess.STDOUT)
+
+
+def complete_steps(workdir):
+  """Steps of `workdir/checkpoints` whose directories carry orbax's commit marker."""
+  out = []
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")):
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isfile(os.path.join(path, "commit_success.txt")):
+      out.append(int(name))
+  return sorted(out)
+
+
+def wait_for_step(proc, workdir, step, timeout=240):
+  """Polls until a complete checkpoint >= `step` exists (fails if `proc` exits first)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = complete_steps(workdir)
+    if steps and steps[-1] >= step:
+      return steps[-1]
+    if proc.poll() is not None:
+      raise AssertionError(f"process exited with {proc.returncode} before checkpoint {step}")
+    time.sleep(0.02)
+  raise AssertionError(f"no checkpoint {step} after {timeout} s")
+
+
+def scalars(workdir):
+  """{tag: {step: [values in file order]}} of every TensorBoard scalar of `workdir`."""
+  from tensorboard.backend.event_processing import event_accumulator
+  out = {}
+  for f in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    acc = event_accumulator.EventAccumulator(f, size_guidance={"tensors": 0})
+    acc.Reload()
+    for tag in acc.Tags()["tensors"]:
+      for ev in acc.Tensors(tag):
+        arr = np.asarray(__import__("tensorflow").make_ndarray(ev.tensor_proto))
+        if arr.ndim == 0 and arr.dtype.kind == "f":
+          out.setdefault(tag, {}).setdefault(ev.step, []).append(float(arr))
+  return out
+
+
+def max_rel_error(a, b):
+  """max over leaves of max|a - b| / max|a| (trees of numpy arrays with the same structure)."""
+  import jax
+  worst = 0.0
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    worst = max(worst, float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), 1e-12)))
+  return worst
