@@ -79,3 +79,32 @@ def test_warmup_stage_then_adaptation_prints_both(demo_data_dir, tmp_path, capsy
   assert "source only" in out and "adapted" in out and "mIoU" in out
   assert "mIoU" in result["source_only"]
   assert os.path.isdir(tmp_path / "demo" / "source_only" / "checkpoints")
+
+
+def test_best_checkpoint_kept_across_restarts_and_selected(tmp_path):
+  import orbax.checkpoint as ocp
+  from udajax import configuration
+  config = configuration.base_config()
+  config.train.keep_checkpoints = 1
+  workdir = str(tmp_path / "wd")
+
+  def save(manager, step, score):
+    tree = {"params": {"w": np.full((2,), float(step), np.float32)}, "batch_stats": {}}
+    manager.save(step, args=ocp.args.StandardSave(tree),
+                 metrics=None if score is None else {trainer.BEST_METRIC: score})
+
+  manager = trainer.checkpoint_manager(workdir, config)
+  for step, score in ((1, 50.0), (2, 10.0), (3, 20.0)):
+    save(manager, step, score)
+  manager.wait_until_finished()
+  assert manager.best_step() == 1 and manager.all_steps() == [1, 3]
+  manager.close()
+  manager = trainer.checkpoint_manager(workdir, config)  # a restarted job
+  save(manager, 4, None)
+  save(manager, 5, 5.0)
+  manager.wait_until_finished()
+  assert manager.best_step() == 1 and 1 in manager.all_steps() and 5 in manager.all_steps()
+  manager.close()
+  np.testing.assert_array_equal(trainer.load_workdir_variables(workdir, "best")["params"]["w"], [1, 1])
+  np.testing.assert_array_equal(trainer.load_workdir_variables(workdir)["params"]["w"], [5, 5])
+  assert trainer.selection_metric(16) == "mIoU13" and trainer.selection_metric(19) == "mIoU"

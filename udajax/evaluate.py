@@ -15,11 +15,15 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A udajax workdir (its best, else latest, checkpoint) or a directory "
-    "written by data_prep/convert_torch_checkpoint.py.")
+    "checkpoint", None, "A udajax workdir or a directory written by "
+    "data_prep/convert_torch_checkpoint.py.")
+_WHICH = flags.DEFINE_enum(
+    "which", "best", ["best", "latest"],
+    "From a workdir: its best checkpoint by eval score (mIoU, mIoU13 for 16 classes; the latest "
+    "if none was scored) or its latest.")
 
 
-def evaluate_checkpoint(config, checkpoint: str) -> dict:
+def evaluate_checkpoint(config, checkpoint: str, which: str = "best") -> dict:
   """Returns the eval summary of `checkpoint` under `config.eval`."""
   import flax
   import jax
@@ -32,7 +36,8 @@ def evaluate_checkpoint(config, checkpoint: str) -> dict:
   with config.unlocked():
     config.init_checkpoint = checkpoint
   trainer.prepare_datasets(config)
-  variables = trainer.initial_variables(config, jax.random.PRNGKey(0), require_classifier=True)
+  variables = trainer.initial_variables(config, jax.random.PRNGKey(0), require_classifier=True,
+                                       which=which)
   rep = flax.jax_utils.replicate(variables)
   p_eval = ts.make_p_eval_step(config)
   summary, _ = trainer.evaluate(config, p_eval, rep["params"], rep.get("batch_stats", {}))
@@ -45,7 +50,7 @@ def main(argv):
   del argv
   from udajax import errors
   try:
-    evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WHICH.value)
   except errors.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -42,7 +42,14 @@ from udajax import metrics as metrics_lib
 from udajax import train_step as ts
 from udajax import visualization
 
-BEST_METRIC = "mIoU"
+# Key under which each eval's selection score is stored with its checkpoint.
+BEST_METRIC = "score"
+
+
+def selection_metric(num_classes: int) -> str:
+  """The eval metric that picks the best checkpoint: mIoU, or mIoU13 for 16-class (SYNTHIA) runs,
+  as the reference selects and the paper reports."""
+  return "mIoU13" if num_classes == 16 else "mIoU"
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,7 +105,11 @@ class _PreemptionNotice:
 
 
 def checkpoint_manager(workdir: str, config, *, read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the latest `keep_checkpoints` checkpoints plus the best one by target mIoU."""
+  """Keeps the latest `keep_checkpoints` checkpoints plus the best one by target mIoU.
+
+  `best_fn` makes orbax store each checkpoint's metrics on disk and answer `best_step()`; the
+  BestN preservation keeps that step through restarts.
+  """
   from orbax.checkpoint import checkpoint_managers as cm
   keep = config.train.keep_checkpoints if config is not None else 3
   policy = cm.AnyPreservationPolicy([
@@ -111,7 +122,9 @@ def checkpoint_manager(workdir: str, config, *, read_only: bool = False) -> ocp.
     if jax.process_index() == 0:
       ckpt_lib.quarantine_incomplete_steps(directory)
     _sync("checkpoints_checked")
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+                                         read_only=read_only,
                                          create=not read_only,
                                          cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
@@ -152,11 +165,16 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def load_workdir_variables(path: str) -> dict:
-  """params and batch_stats of a udajax workdir's best (else latest) checkpoint, as numpy."""
+def load_workdir_variables(path: str, which: str = "latest") -> dict:
+  """params and batch_stats of a udajax workdir's checkpoint, as numpy.
+
+  which="latest": the last complete step (what `init_checkpoint=<workdir>` uses: the reference
+  adapts from its final source-only model). which="best": the best by eval score (evaluation),
+  falling back to the latest when no checkpoint has a score.
+  """
   manager = checkpoint_manager(path, None, read_only=True)
   complete = _complete_steps(manager)
-  step = manager.best_step()
+  step = manager.best_step() if which == "best" else None
   if step not in complete:
     step = complete[-1] if complete else None
   if step is None:
@@ -220,14 +238,16 @@ def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
   return merged
 
 
-def load_init_tree(path: str) -> dict:
-  """Variables of `path`: a udajax workdir or a converted (save_variables) checkpoint."""
+def load_init_tree(path: str, which: str = "latest") -> dict:
+  """Variables of `path`: a udajax workdir (its `which` checkpoint) or a converted one."""
   path = os.path.abspath(os.path.expanduser(path))
-  return load_workdir_variables(path) if is_workdir(path) else ckpt_lib.load_variables(path)
+  return load_workdir_variables(path, which) if is_workdir(path) else ckpt_lib.load_variables(path)
 
 
-def initial_variables(config, rng, *, require_classifier: bool = False) -> dict:
-  """Fresh variables overlaid with `config.init_checkpoint` (if set).
+def initial_variables(config, rng, *, require_classifier: bool = False,
+                      which: str = "latest") -> dict:
+  """Fresh variables overlaid with `config.init_checkpoint` (if set; from a workdir its
+  `which` = "latest" or "best" checkpoint).
 
   A checkpoint without a classifier (an ImageNet init) gets a fresh ASPP head, as the reference
   does; with `require_classifier` (evaluation) that is an error instead.
@@ -235,7 +255,7 @@ def initial_variables(config, rng, *, require_classifier: bool = False) -> dict:
   path = config.init_checkpoint
   if not path:
     return ts.init_variables(config, rng)
-  loaded = load_init_tree(path)  # before the init: a bad path fails fast
+  loaded = load_init_tree(path, which)  # before the init: a bad path fails fast
   fresh = ts.init_variables(config, rng)
   merged = merge_init_variables(fresh, loaded, path)
   if "classifier" not in (loaded.get("params") or {}):
@@ -351,14 +371,17 @@ def evaluate(config, p_eval_step, params, batch_stats, *, num_images: int = 0):
   panels = None
   for batch in eval_batches(config):
     batch_cm, pred = p_eval_step(params, batch_stats, batch)
-    cm = batch_cm[0] if cm is None else cm + batch_cm[0]  # accumulated on device
+    # Each batch's matrix is counted on device (int32, summed over devices); the running total
+    # is int64 on the host: full-resolution sets exceed 2^31 pixels of one class.
+    batch_cm = np.asarray(jax.device_get(batch_cm[0]), np.int64)
+    cm = batch_cm if cm is None else cm + batch_cm
     if panels is None and num_images > 0:
       take = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:num_images]
       panels = visualization.summary_panels(take(batch["image"]), take(batch["label"]),
                                             take(pred), config.num_classes)
   if cm is None:
     raise ValueError(f"eval split {config.eval.name}/{config.eval.builder_config}:{config.eval.split} is empty")
-  summary = metrics_lib.summarize(np.asarray(jax.device_get(cm)),
+  summary = metrics_lib.summarize(cm,
                                   labels_lib.class_names(config.num_classes),
                                   class_subsets(config.num_classes))
   return summary, panels
@@ -434,7 +457,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            every_steps=t.log_every_steps)
   hooks = [report]
   summary = None
-  best = None
   train_metrics = []
   batches = flax.jax_utils.prefetch_to_device(train_batches(config, start_step), 2)
   logging.info("Training %s from step %d to %d on %d devices (%d processes)", t.mode, start_step,
@@ -488,11 +510,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write_images(step, {"eval/input_label_prediction": panels})
         logging.info("step %d eval:\n%s", step, metrics_lib.format_table(
             {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
-        best = summary[BEST_METRIC] if best is None else max(best, summary[BEST_METRIC])
       if do_eval or step % t.checkpoint_every_steps == 0:
         state = jax.device_get(ts.unreplicate(rstate))
         manager.save(step, args=ocp.args.StandardSave(_state_tree(state)),
-                     metrics={BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None)
+                     metrics=({BEST_METRIC: eval_metrics[selection_metric(config.num_classes)]}
+                              if eval_metrics else None))
       if step < last_step and notice.reached(manager, step):
         if manager.latest_step() != step:
           state = jax.device_get(ts.unreplicate(rstate))
