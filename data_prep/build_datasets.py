@@ -104,10 +104,10 @@ def main(argv=None):
     try:
       summaries.append(build(name, c, manual_dir=args.manual_dir, data_dir=args.data_dir,
                              skip_corrupt=args.skip_corrupt, num_workers=args.num_workers))
-    except datasets.CorruptFileError as e:
-      raise SystemExit(f"error: {e}") from e
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from e
+    # CorruptFileError (a bad file, named), ValueError (bad arguments), FileNotFoundError (no
+    # images under --manual_dir), AssertionError (TFDS's own manual-dir check): one line each.
+    except (datasets.CorruptFileError, ValueError, FileNotFoundError, AssertionError) as e:
+      raise SystemExit(f"error: {' '.join(str(e).split())}") from e
   for s in summaries:
     print_summary(s)
   return summaries

@@ -78,6 +78,18 @@ def test_corrupt_png_in_manual_dir(tmp_path):
   assert "--skip_corrupt" in r.stderr
 
 
+def test_manual_dir_without_images(tmp_path):
+  """A manual dir with the right folders but no frames: one line naming the dir and what to get."""
+  from data_prep import build_datasets
+  (tmp_path / "gta5" / "images").mkdir(parents=True)
+  (tmp_path / "gta5" / "labels").mkdir()
+  with pytest.raises(SystemExit) as e:
+    build_datasets.main(["gta5", f"--manual_dir={tmp_path / 'gta5'}", f"--data_dir={tmp_path / 'data'}"])
+  msg = str(e.value)
+  assert msg.startswith("error: no gta5 train images found under") and "\n" not in msg
+  assert str(tmp_path / "gta5") in msg and "images/NNNNN.png" in msg
+
+
 # ------------------------------------------------------------------------------ library
 
 
