@@ -31,6 +31,13 @@ def test_evaluate_converted_checkpoint_and_reject_headless(tmp_path, capsys):
   flipped = evaluate.evaluate_checkpoint(config, path)
   assert np.isfinite(flipped["mIoU"])
 
+  # Labels at another resolution than the image (the full-resolution protocol): the logits are
+  # upsampled to the label size before the argmax.
+  config.eval.flip = False
+  config.eval.label_size = (192, 384)
+  big = evaluate.evaluate_checkpoint(config, path)
+  assert np.isfinite(big["mIoU"]) and 0.0 <= big["pixel_accuracy"] <= 100.0
+
   headless = {"params": {"backbone": variables["params"]["backbone"]},
               "batch_stats": variables["batch_stats"]}
   path2 = checkpoints.save_variables(str(tmp_path / "imagenet"), headless)
