@@ -100,35 +100,37 @@ def main(argv):
       "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  preempted = None
+  stopped = None  # (message, exit status) of a run stopped mid-training
   try:
     trainer.train_and_evaluate(_CONFIG.value, workdir)
   except trainer.Preempted as e:
-    preempted = e  # keeps the training frames (and the input pipeline) alive: see _exit_preempted
+    stopped = (str(e), 0)  # keeps the training frames (and the input pipeline) alive: see _exit_now
+  except trainer.TrainingDiverged as e:
+    stopped = (f"error: {e}", 2)
   except errors.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  if preempted is not None:
-    _exit_preempted(preempted)
+  if stopped is not None:
+    _exit_now(*stopped)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
 
 
-def _exit_preempted(e) -> None:
-  """Exits 0 right away once the preemption checkpoint is committed and the logs are flushed.
+def _exit_now(message: str, status: int) -> None:
+  """Exits right away once checkpoints are committed and logs flushed (preemption: 0; divergence: 2).
 
   Tearing down the still-running tf.data input pipeline (its parallel map calls Python) can take
   tens of seconds with several processes on a busy machine; a preempted job rarely has that long
   before SIGKILL, and there is nothing left to save, so the interpreter's cleanup is skipped.
   """
   import jax
-  print(str(e), file=sys.stderr, flush=True)
+  print(message, file=sys.stderr, flush=True)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)
+  os._exit(status)
 
 
 if __name__ == "__main__":
