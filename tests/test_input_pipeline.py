@@ -9,6 +9,7 @@ pytest.importorskip("tensorflow_datasets")
 ip = pytest.importorskip("udajax.input_pipeline")
 from udajax import datasets  # noqa: E402
 from udajax import labels  # noqa: E402
+from udajax import visualization  # noqa: E402
 
 MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], np.float32)
 
@@ -207,7 +208,7 @@ def test_resize_on_the_fly_and_label_size(data_dir, stored):
   img0, lbl0 = stored["source", "validation"][0]
   np.testing.assert_array_equal(ev["label"][0, 0], lbl0)  # kept at full size
   pil = np.asarray(Image.fromarray(img0).resize((96, 48), Image.BICUBIC), np.float32)
-  assert np.abs(ip.denormalize(ev["image"][0, 0]).astype(np.float32) - pil).mean() < 2.0
+  assert np.abs(visualization.denormalize(ev["image"][0, 0]).astype(np.float32) - pil).mean() < 2.0
   small = next(ip.eval_iterator(
       "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir, image_size=(48, 96),
       batch_size_per_device=2, num_local_devices=1, num_classes=19, shard_index=0, num_shards=1))

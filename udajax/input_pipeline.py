@@ -33,11 +33,11 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from udajax import labels as labels_lib
+from udajax.models import IMAGE_MEAN_BGR  # the one definition of the input normalisation mean
 from udajax import datasets as datasets_lib
 from udajax.datasets.common import tf, tfds  # TF is hidden from accelerators on import.
 from udajax.datasets.common import DatasetNotBuiltError  # noqa: F401  (re-exported)
 
-IMAGE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 
 
 def _shard_defaults(shard_index, num_shards):
@@ -408,9 +408,3 @@ def eval_iterator(
   ds = ds.prefetch(2).with_options(_tf_options())
   for batch in ds.as_numpy_iterator():
     yield _to_devices(batch, num_local_devices, batch_size_per_device)
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-  """Inverse of the normalisation: (..., 3) BGR float -> (..., 3) uint8 RGB (for visualisation)."""
-  rgb = (np.asarray(image, np.float32) + np.asarray(IMAGE_MEAN_BGR, np.float32))[..., ::-1]
-  return np.clip(np.round(rgb), 0, 255).astype(np.uint8)

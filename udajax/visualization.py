@@ -3,14 +3,12 @@
 import numpy as np
 
 from udajax import labels as labels_lib
-
-# BGR mean subtracted by the input normalisation (SPEC "Normalisation of images").
-_MEAN_BGR = np.array((104.00698793, 116.66876762, 122.67891434), np.float32)
+from udajax.models import IMAGE_MEAN_BGR
 
 
 def denormalize(images) -> np.ndarray:
   """(..., H, W, 3) normalised BGR float -> RGB uint8."""
-  bgr = np.asarray(images, np.float32) + _MEAN_BGR
+  bgr = np.asarray(images, np.float32) + IMAGE_MEAN_BGR
   return np.clip(np.round(bgr[..., ::-1]), 0, 255).astype(np.uint8)
 
 
