@@ -195,16 +195,6 @@ def _one_line(e, limit=300) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
   """Overlays loaded variables on a fresh init; the classifier head may be absent (kept fresh).
 
@@ -215,8 +205,8 @@ def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
   problems = []
   merged = {}
   for collection in ("params", "batch_stats"):
-    f = _flatten(fresh.get(collection, {}))
-    l = _flatten(loaded.get(collection, {}) or {})
+    f = flax.traverse_util.flatten_dict(fresh.get(collection, {}))
+    l = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded.get(collection, {}) or {}))
     head_missing = not any(k[0] == "classifier" for k in l)
     for key in sorted(set(l) - set(f)):
       problems.append(f"unexpected {collection}/{'/'.join(key)}")
@@ -437,8 +427,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
-    # Shapes only: the restore overwrites every value.
-    state = ts.create_train_state(config, ts.init_variables(config, init_rng), state_rng)
+    # Shapes only (no initialisation is run): the restore overwrites every value.
+    state = jax.eval_shape(
+        lambda: ts.create_train_state(config, ts.init_variables(config, init_rng), state_rng))
     state = _restore_state(manager, latest, state)
     logging.info("Resumed from %s at step %d", workdir, int(state.step))
   else:
