@@ -437,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   if latest is None and jax.process_index() == 0:
-    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    writer.write_hparams(_flat_config(config))
 
   p_train_step = ts.make_p_train_step(config)
   p_eval_step = ts.make_p_eval_step(config)
@@ -446,7 +446,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   report = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer,
                                            every_steps=t.log_every_steps)
-  hooks = [report]
   summary = None
   train_metrics = []
   batches = flax.jax_utils.prefetch_to_device(train_batches(config, start_step), 2)
@@ -476,8 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  "to skip such updates")
         logging.warning("%s; update skipped", msg)
       train_metrics.append(m)
-      for h in hooks:
-        h(step)
+      report(step)
 
       if step % t.log_every_steps == 0 or step == last_step:
         keys = train_metrics[-1].keys()
