@@ -29,6 +29,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Persistent XLA compilation cache (default WORKDIR/compilation_cache; '' disables).")
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -93,27 +96,65 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from udajax import errors
+  from udajax import preemption
   from udajax import trainer
 
+  config = _CONFIG.value
   config_path = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
+  _enable_compilation_cache(workdir)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   stopped = None  # (message, exit status) of a run stopped mid-training
   try:
-    trainer.train_and_evaluate(_CONFIG.value, workdir)
-  except trainer.Preempted as e:
+    result = trainer.train_and_evaluate(config, workdir)
+  except preemption.Preempted as e:
     stopped = (str(e), 0)  # keeps the training frames (and the input pipeline) alive: see _exit_now
-  except trainer.TrainingDiverged as e:
+  except errors.TrainingDiverged as e:
     stopped = (f"error: {e}", 2)
   except errors.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(str(e))
   if stopped is not None:
     _exit_now(*stopped)
+  if jax.process_index() == 0:
+    print(_result_table(config, workdir, result), flush=True)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _enable_compilation_cache(workdir: str) -> None:
+  """Persistent XLA compilation cache, so a restarted job (preemption, resume) skips compiling.
+
+  `--compilation_cache_dir` (default WORKDIR/compilation_cache; "" disables); a cache already
+  configured through $JAX_COMPILATION_CACHE_DIR is kept.
+  """
+  import jax
+  path = _COMPILATION_CACHE.value
+  if path is None:
+    path = os.path.join(workdir, "compilation_cache")
+  if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _result_table(config, workdir: str, result: dict) -> str:
+  """The final target IoU table (source-only and adapted columns after a warm-up stage)."""
+  from udajax import labels, metrics
+  table = metrics.format_table(metrics.run_columns(result, config.train.mode),
+                               labels.class_names(config.num_classes))
+  steps = config.train.stop_step or config.train.num_steps
+  e = config.eval
+  return (f"\nTarget evaluation ({e.name}/{e.builder_config}:{e.split}) after {steps} steps, "
+          f"workdir {os.path.abspath(workdir)}:\n{table}\n")
 
 
 def _exit_now(message: str, status: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests import train_cli
+from udajax import checkpoints
 from udajax import trainer
 
 DIVERGE = {"train.lr": 1e8, "train.num_steps": 6}
@@ -32,7 +33,7 @@ def test_stop_on_nan_one_line_keeps_last_good_checkpoint(demo_data_dir, tmp_path
   assert f"the last good checkpoint is step 2 in {work}/checkpoints" in line, line
   assert "train.on_nan='skip'" in line and "train.lr" in line
   assert train_cli.complete_steps(work) == [1, 2]
-  params = trainer.load_workdir_variables(work)["params"]
+  params = checkpoints.load_workdir_variables(work)["params"]
   assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))
 
 
@@ -44,5 +45,5 @@ def test_skip_on_nan_continues_and_counts(demo_data_dir, tmp_path):
   assert sorted(skipped) == [1, 2, 3, 4, 5, 6]
   assert skipped[1] == [0.0] and skipped[2] == [0.0] and skipped[3] == [1.0], skipped
   assert train_cli.complete_steps(work)[-1] == 6
-  params = trainer.load_workdir_variables(work)["params"]
+  params = checkpoints.load_workdir_variables(work)["params"]
   assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))

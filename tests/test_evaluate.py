@@ -8,7 +8,7 @@ import pytest
 
 from udajax import checkpoints
 from udajax import datasets
-from udajax import evaluate
+from udajax import evaluation
 from udajax import train_step as ts
 
 
@@ -22,24 +22,24 @@ def test_evaluate_converted_checkpoint_and_reject_headless(tmp_path, capsys):
   variables = jax.device_get(ts.init_variables(config, jax.random.PRNGKey(0)))
   path = checkpoints.save_variables(str(tmp_path / "converted"), variables)
 
-  summary = evaluate.evaluate_checkpoint(config, path)
+  summary = evaluation.evaluate_checkpoint(config, path)
   out = capsys.readouterr().out
   assert "mIoU" in out and "road" in out
   assert 0.0 <= summary["mIoU"] <= 100.0 and 0.0 <= summary["pixel_accuracy"] <= 100.0
   # Flip TTA runs through the same path and gives a valid summary too.
   config.eval.flip = True
-  flipped = evaluate.evaluate_checkpoint(config, path)
+  flipped = evaluation.evaluate_checkpoint(config, path)
   assert np.isfinite(flipped["mIoU"])
 
   # Labels at another resolution than the image (the full-resolution protocol): the logits are
   # upsampled to the label size before the argmax.
   config.eval.flip = False
   config.eval.label_size = (192, 384)
-  big = evaluate.evaluate_checkpoint(config, path)
+  big = evaluation.evaluate_checkpoint(config, path)
   assert np.isfinite(big["mIoU"]) and 0.0 <= big["pixel_accuracy"] <= 100.0
 
   headless = {"params": {"backbone": variables["params"]["backbone"]},
               "batch_stats": variables["batch_stats"]}
   path2 = checkpoints.save_variables(str(tmp_path / "imagenet"), headless)
   with pytest.raises(checkpoints.CheckpointError, match="no classifier"):
-    evaluate.evaluate_checkpoint(config, path2)
+    evaluation.evaluate_checkpoint(config, path2)

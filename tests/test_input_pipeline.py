@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-pytest.importorskip("tensorflow_datasets")
-ip = pytest.importorskip("udajax.input_pipeline")
-from udajax import datasets  # noqa: E402
-from udajax import labels  # noqa: E402
-from udajax import visualization  # noqa: E402
+from udajax import datasets
+from udajax import errors
+from udajax import images
+from udajax import input_pipeline as ip
+from udajax import labels
 
 MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], np.float32)
 
@@ -208,7 +208,7 @@ def test_resize_on_the_fly_and_label_size(data_dir, stored):
   img0, lbl0 = stored["source", "validation"][0]
   np.testing.assert_array_equal(ev["label"][0, 0], lbl0)  # kept at full size
   pil = np.asarray(Image.fromarray(img0).resize((96, 48), Image.BICUBIC), np.float32)
-  assert np.abs(visualization.denormalize(ev["image"][0, 0]).astype(np.float32) - pil).mean() < 2.0
+  assert np.abs(images.denormalize(ev["image"][0, 0]).astype(np.float32) - pil).mean() < 2.0
   small = next(ip.eval_iterator(
       "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir, image_size=(48, 96),
       batch_size_per_device=2, num_local_devices=1, num_classes=19, shard_index=0, num_shards=1))
@@ -217,7 +217,7 @@ def test_resize_on_the_fly_and_label_size(data_dir, stored):
 
 
 def test_missing_dataset_error_names_build_command(tmp_path):
-  with pytest.raises(ip.DatasetNotBuiltError) as info:
+  with pytest.raises(errors.DatasetNotBuiltError) as info:
     next(ip.train_iterator("gta5", builder_config="1280x720", split="train", data_dir=str(tmp_path),
                            batch_size_per_device=1, num_local_devices=1, num_classes=19, seed=0,
                            shard_index=0, num_shards=1))
@@ -225,7 +225,7 @@ def test_missing_dataset_error_names_build_command(tmp_path):
   expected = ("python data_prep/build_datasets.py gta5 --manual_dir=/path/to/gta5 --config=1280x720"
               f" --data_dir={tmp_path}")
   assert expected in str(info.value)
-  with pytest.raises(ip.DatasetNotBuiltError, match="build_datasets.py demo"):
+  with pytest.raises(errors.DatasetNotBuiltError, match="build_datasets.py demo"):
     ip.num_examples("udajax_demo", "source", "train", str(tmp_path))
 
 

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from tests import train_cli
+from udajax import checkpoints
 from udajax import trainer
 
 
@@ -79,8 +80,8 @@ def test_sigkill_sigterm_and_unfinished_checkpoints_resume_exactly(demo_data_dir
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from {work} at step {s}" in result.stderr
 
-  err = train_cli.max_rel_error(trainer.load_workdir_variables(ref)["params"],
-                                trainer.load_workdir_variables(work)["params"])
+  err = train_cli.max_rel_error(checkpoints.load_workdir_variables(ref)["params"],
+                                checkpoints.load_workdir_variables(work)["params"])
   print(f"final params max rel. error vs uninterrupted: {err:.3g}")
   assert err <= 1e-6
 

@@ -2,13 +2,18 @@
 
 import glob
 import importlib
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from udajax import checkpoints
 from udajax import datasets
+from udajax import evaluation
+from udajax import labels
+from udajax import metrics
 from udajax import trainer
 
 
@@ -46,7 +51,7 @@ def event_tags(workdir):
 
 
 def final_params(workdir):
-  return trainer.load_workdir_variables(workdir)["params"]
+  return checkpoints.load_workdir_variables(workdir)["params"]
 
 
 def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path):
@@ -71,14 +76,22 @@ def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path):
     assert np.max(np.abs(x - y)) <= 1e-6 * max(np.max(np.abs(x)), 1e-12)
 
 
-def test_warmup_stage_then_adaptation_prints_both(demo_data_dir, tmp_path, capsys):
+def test_warmup_stage_then_adaptation(demo_data_dir, tmp_path):
+  """Two stages on copies of the config: the caller's config is left as it was."""
   config = tiny_demo_config(demo_data_dir, num_steps=2, warmup_source_only_steps=2)
   config.eval.every_steps = 2
+  before = config.to_json()
   result = trainer.train_and_evaluate(config, str(tmp_path / "demo"))
-  out = capsys.readouterr().out
-  assert "source only" in out and "adapted" in out and "mIoU" in out
-  assert "mIoU" in result["source_only"]
+  assert config.to_json() == before
+  assert 0 <= result["source_only"]["mIoU"] <= 100 and 0 <= result["mIoU"] <= 100
+  table = metrics.format_table(metrics.run_columns(result, "uda"), labels.class_names(19))
+  assert "source only" in table and "adapted" in table and "mIoU" in table
   assert os.path.isdir(tmp_path / "demo" / "source_only" / "checkpoints")
+  adapted = json.load(open(tmp_path / "demo" / "config.json"))
+  assert adapted["init_checkpoint"] == str(tmp_path / "demo" / "source_only")
+  assert adapted["train"]["mode"] == "uda"
+  source = json.load(open(tmp_path / "demo" / "source_only" / "config.json"))
+  assert source["train"]["mode"] == "source_only" and source["train"]["num_steps"] == 2
 
 
 def test_best_checkpoint_kept_across_restarts_and_selected(tmp_path):
@@ -91,20 +104,20 @@ def test_best_checkpoint_kept_across_restarts_and_selected(tmp_path):
   def save(manager, step, score):
     tree = {"params": {"w": np.full((2,), float(step), np.float32)}, "batch_stats": {}}
     manager.save(step, args=ocp.args.StandardSave(tree),
-                 metrics=None if score is None else {trainer.BEST_METRIC: score})
+                 metrics=None if score is None else {checkpoints.BEST_METRIC: score})
 
-  manager = trainer.checkpoint_manager(workdir, config)
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)
   for step, score in ((1, 50.0), (2, 10.0), (3, 20.0)):
     save(manager, step, score)
   manager.wait_until_finished()
   assert manager.best_step() == 1 and manager.all_steps() == [1, 3]
   manager.close()
-  manager = trainer.checkpoint_manager(workdir, config)  # a restarted job
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)  # a restarted job
   save(manager, 4, None)
   save(manager, 5, 5.0)
   manager.wait_until_finished()
   assert manager.best_step() == 1 and 1 in manager.all_steps() and 5 in manager.all_steps()
   manager.close()
-  np.testing.assert_array_equal(trainer.load_workdir_variables(workdir, "best")["params"]["w"], [1, 1])
-  np.testing.assert_array_equal(trainer.load_workdir_variables(workdir)["params"]["w"], [5, 5])
-  assert trainer.selection_metric(16) == "mIoU13" and trainer.selection_metric(19) == "mIoU"
+  np.testing.assert_array_equal(checkpoints.load_workdir_variables(workdir, "best")["params"]["w"], [1, 1])
+  np.testing.assert_array_equal(checkpoints.load_workdir_variables(workdir)["params"]["w"], [5, 5])
+  assert evaluation.selection_metric(16) == "mIoU13" and evaluation.selection_metric(19) == "mIoU"

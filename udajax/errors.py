@@ -1,22 +1,38 @@
-"""Errors caused by the user's input (config, data, checkpoints): reported as one clear line."""
+"""Error types shared by the library and its command-line tools (imports nothing of udajax).
 
-from udajax.checkpoints import CheckpointError
-from udajax.configuration import ConfigError
-
-
-def _user_errors():
-  errs = [ConfigError, CheckpointError]
-  try:
-    from udajax.input_pipeline import DatasetNotBuiltError
-    errs.append(DatasetNotBuiltError)
-  except ImportError:
-    pass
-  try:
-    from udajax.trainer import TrainingDiverged
-    errs.append(TrainingDiverged)
-  except ImportError:
-    pass
-  return tuple(errs)
+Every mistake a user can fix (a config key, a dataset that is not built, a checkpoint that is
+missing or does not fit) raises a subclass of `UserError`; the CLIs print it as one
+`error: ...` line and exit with status 2. Anything else is a bug and keeps its traceback.
+"""
 
 
-USER_ERRORS = _user_errors()
+class UserError(Exception):
+  """Base class of the errors caused by the user's input; its message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config key is unknown or has an impossible value."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class DatasetNotBuiltError(UserError, FileNotFoundError):
+  """The requested dataset/config has not been built under the data directory."""
+
+
+class CorruptFileError(UserError, OSError):
+  """A source file that cannot be decoded (truncated, not a PNG, wrong layout). Names the path."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss term or gradient became NaN/Inf and `train.on_nan` is "stop".
+
+  Not a `UserError`: the trainer raises it after the last good checkpoint is committed, and
+  `train.py` reports it in one line (exit status 2) without tearing down the input pipeline.
+  """
+
+
+# What the CLIs catch and print as one line (exit status 2).
+USER_ERRORS = (UserError,)

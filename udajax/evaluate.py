@@ -1,11 +1,18 @@
 """Evaluates a checkpoint (a udajax workdir or a converted PyTorch checkpoint) on the target set.
 
     python -m udajax.evaluate --config=configs/gta.py --checkpoint=runs/gta \
+        [--which=best|latest] [--output_json=PATH] \
         [--config.eval.flip=True] [--config.eval.label_size="(1024,2048)"]
 
-Prints the per-class IoU table, mIoU (and mIoU13 for 16-class runs) and pixel accuracy.
+Prints the per-class IoU table, mIoU (and mIoU13 for 16-class runs) and pixel accuracy. With
+`--output_json` it also writes them as one flat JSON object: "mIoU", "mIoU13" (16 classes),
+"pixel_accuracy", "IoU/<class name>" (percent, as printed; null for a class absent from both
+labels and predictions), "num_images" and "step" (the checkpoint's step; null for a converted
+checkpoint).
 """
 
+import json
+import os
 import sys
 
 from absl import app
@@ -21,39 +28,52 @@ _WHICH = flags.DEFINE_enum(
     "which", "best", ["best", "latest"],
     "From a workdir: its best checkpoint by eval score (mIoU, mIoU13 for 16 classes; the latest "
     "if none was scored) or its latest.")
+_OUTPUT_JSON = flags.DEFINE_string(
+    "output_json", None, "Also write the summary to this file as one flat JSON object.")
 
 
-def evaluate_checkpoint(config, checkpoint: str, which: str = "best") -> dict:
-  """Returns the eval summary of `checkpoint` under `config.eval`."""
-  import flax
-  import jax
-  from udajax import configuration, trainer
-  from udajax import labels as labels_lib
-  from udajax import metrics as metrics_lib
-  from udajax import train_step as ts
-
-  configuration.validate_config(config)
-  with config.unlocked():
-    config.init_checkpoint = checkpoint
-  trainer.prepare_datasets(config)
-  variables = trainer.initial_variables(config, jax.random.PRNGKey(0), require_classifier=True,
-                                       which=which)
-  rep = flax.jax_utils.replicate(variables)
-  p_eval = ts.make_p_eval_step(config)
-  summary, _ = trainer.evaluate(config, p_eval, rep["params"], rep.get("batch_stats", {}))
-  names = labels_lib.class_names(config.num_classes)
-  print(metrics_lib.format_table({checkpoint: summary}, names), flush=True)
-  return summary
+def write_json(path: str, result: dict) -> None:
+  """Writes a result of `evaluation.evaluate_checkpoint` as JSON (NaN as null)."""
+  from udajax import evaluation
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(evaluation.summary_to_json(result), f, indent=1, allow_nan=False)
+    f.write("\n")
 
 
 def main(argv):
   del argv
+  import jax
   from udajax import errors
+  from udajax import evaluation
+  from udajax import labels
+  from udajax import metrics
+  config = _CONFIG.value
+  if _OUTPUT_JSON.value:  # an unwritable path fails now, not after the evaluation
+    try:
+      path = os.path.abspath(os.path.expanduser(_OUTPUT_JSON.value))
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      open(path, "a").close()
+    except OSError as e:
+      print(f"error: cannot write --output_json {_OUTPUT_JSON.value}: {e}", file=sys.stderr,
+            flush=True)
+      sys.exit(2)
   try:
-    evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WHICH.value)
+    result = evaluation.evaluate_checkpoint(config, _CHECKPOINT.value, _WHICH.value)
   except errors.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  if jax.process_index() > 0:
+    return
+  names = labels.class_names(config.num_classes)
+  step = "" if result["step"] is None else f" (step {result['step']})"
+  print(f"{_CHECKPOINT.value}{step}: {result['num_images']} images of "
+        f"{config.eval.name}/{config.eval.builder_config}:{config.eval.split}")
+  print(metrics.format_table({_CHECKPOINT.value: result}, names), flush=True)
+  if _OUTPUT_JSON.value:
+    write_json(_OUTPUT_JSON.value, result)
+    print(f"summary written to {_OUTPUT_JSON.value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ standard deviation there): PIL's own approximation, 3 passes of a fractional box
 with edge-replicated borders (see `gaussian_blur`), rounded to integers like PIL's uint8 output.
 
 `image_size` other than the stored size resizes on the fly (bicubic with antialiasing for the
-image, clipped and rounded like PIL; PIL-style nearest for the label). Upsampling is allowed (it
-only costs time and blurs); prefer building the config of the size you train at.
+image, clipped and rounded like PIL; PIL-style nearest for the label). The functions here allow
+any size; the trainer rejects training crops larger than the stored images (an upscale is almost
+always a config mistake), while evaluation may use any size.
 """
 
 import zlib
@@ -32,12 +33,10 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from udajax import labels as labels_lib
-from udajax.models import IMAGE_MEAN_BGR  # the one definition of the input normalisation mean
 from udajax import datasets as datasets_lib
-from udajax.datasets.common import tf, tfds  # TF is hidden from accelerators on import.
-from udajax.datasets.common import DatasetNotBuiltError  # noqa: F401  (re-exported)
-
+from udajax import labels as labels_lib
+from udajax.datasets.common import tf, tfds  # importing it hides accelerators from TF
+from udajax.images import IMAGE_MEAN_BGR
 
 
 def _shard_defaults(shard_index, num_shards):
@@ -121,7 +120,7 @@ def _pil_nearest_indices(in_size, out_size):
   return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
 
 
-def resize_label(label, size):
+def tf_resize_label(label, size):
   """(H, W) label -> size (h, w) by PIL-style nearest neighbour (no-op when equal)."""
   h, w = size
   shape = tf.shape(label)
@@ -132,7 +131,7 @@ def resize_label(label, size):
   return tf.cond(same, lambda: label, _resize)
 
 
-def resize_image(image, size):
+def tf_resize_image(image, size):
   """(H, W, 3) uint8 -> (h, w, 3) float32 bicubic (antialiased, like PIL), rounded to [0, 255]."""
   shape = tf.shape(image)
   def _resize():
@@ -317,8 +316,8 @@ def train_iterator(
     pos = position(q)
     image, label, _ = _parse(read(pos))
     if image_size is not None:
-      image = resize_image(image, image_size)
-      label = resize_label(label, image_size)
+      image = tf_resize_image(image, image_size)
+      label = tf_resize_label(label, image_size)
     else:
       image = tf.cast(image, tf.float32)
     if augment:
@@ -395,9 +394,9 @@ def eval_iterator(
 
   def process(index, valid):
     image, label, file_name = _parse(read(index))
-    image = resize_image(image, image_size) if image_size is not None else tf.cast(image, tf.float32)
+    image = tf_resize_image(image, image_size) if image_size is not None else tf.cast(image, tf.float32)
     if label_size is not None:
-      label = resize_label(label, label_size)
+      label = tf_resize_label(label, label_size)
     label = _remap(label, num_classes)
     label = tf.where(valid, label, tf.fill(tf.shape(label), labels_lib.IGNORE_LABEL))
     return {"image": normalize(image), "label": label, "mask": valid, "file_name": file_name}

@@ -81,3 +81,12 @@ def format_table(results: Dict[str, Dict[str, float]], class_names: Sequence[str
     label = key.replace("_", " ")
     lines.append(" | ".join([f"{label:<{width}}"] + [fmt(results[c].get(key, float("nan"))) for c in cols]))
   return "\n".join(lines)
+
+
+def run_columns(result: Dict[str, object], mode: str) -> Dict[str, Dict[str, float]]:
+  """`trainer.train_and_evaluate`'s result as `format_table` columns: "source only" and
+  "adapted" after a warm-up stage (the result holds "source_only"), else one named `mode`."""
+  summary = {k: v for k, v in result.items() if k != "source_only"}
+  if "source_only" in result:
+    return {"source only": result["source_only"], "adapted": summary}
+  return {mode: summary}

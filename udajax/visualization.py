@@ -1,15 +1,9 @@
-"""Image summaries: undo the input normalisation and colourise labels/predictions."""
+"""Image summaries for the metric logs: input | label | prediction panels, colourised."""
 
 import numpy as np
 
 from udajax import labels as labels_lib
-from udajax.models import IMAGE_MEAN_BGR
-
-
-def denormalize(images) -> np.ndarray:
-  """(..., H, W, 3) normalised BGR float -> RGB uint8."""
-  bgr = np.asarray(images, np.float32) + IMAGE_MEAN_BGR
-  return np.clip(np.round(bgr[..., ::-1]), 0, 255).astype(np.uint8)
+from udajax.images import denormalize
 
 
 def summary_panels(images, labels, preds, num_classes: int) -> np.ndarray:

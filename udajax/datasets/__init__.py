@@ -77,13 +77,7 @@ def ensure_demo_built(data_dir: Optional[str] = None) -> str:
   for config in config_names("udajax_demo"):
     builder = get_builder("udajax_demo", config, data_dir)
     if not builder.is_prepared():
-      builder.download_and_prepare(
-          download_config=_quiet_download_config(),
-      )
+      builder.download_and_prepare()
     root = builder.data_dir_root
   return str(root)
 
-
-def _quiet_download_config(**kwargs):
-  from udajax.datasets.common import tfds  # pylint: disable=g-import-not-at-top
-  return tfds.download.DownloadConfig(**kwargs)

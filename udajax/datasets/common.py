@@ -26,6 +26,8 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 from etils import epath  # pylint: disable=g-import-not-at-top
 
+from udajax.errors import CorruptFileError, DatasetNotBuiltError  # noqa: E402,F401  (re-exported)
+
 
 def _hide_accelerators_from_tf():
   """TF is only used for input pipelines here: it must never grab a GPU/TPU that JAX uses."""
@@ -46,13 +48,6 @@ BUILD_SCRIPT = "python data_prep/build_datasets.py"
 # TFDS dataset name -> data_prep/build_datasets.py sub-command.
 CLI_NAMES = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "udajax_demo": "demo"}
 
-
-class CorruptFileError(OSError):
-  """A source file that cannot be decoded (truncated, not a PNG, wrong layout). Names the path."""
-
-
-class DatasetNotBuiltError(FileNotFoundError):
-  """The requested dataset/config has not been built under the data directory."""
 
 
 def build_command(name: str, builder_config: Optional[str] = None, data_dir: Optional[str] = None) -> str:
@@ -134,14 +129,14 @@ def decode_png16(data: bytes, path: str) -> np.ndarray:
   return arr
 
 
-def resize_image(img: Image.Image, size: Optional[Tuple[int, int]]) -> np.ndarray:
+def pil_resize_image(img: Image.Image, size: Optional[Tuple[int, int]]) -> np.ndarray:
   """PIL image -> (H, W, 3) uint8, bicubic-resized to size = (W, H) when given."""
   if size is not None and img.size != tuple(size):
     img = img.resize(tuple(size), Image.BICUBIC)
   return np.asarray(img, dtype=np.uint8)
 
 
-def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def pil_resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """(H, W) uint8 -> nearest-resized to size = (W, H) (PIL nearest, as the reference)."""
   if (label.shape[1], label.shape[0]) == tuple(size):
     return label
@@ -317,13 +312,13 @@ class PairedSegBuilder(Builder, skip_registration=True):
     label = self._raw_labels(read_bytes(pair.label, opener), pair.label)
     out_size = tuple(size) if size else img.size
     resized = (label.shape[1], label.shape[0]) != img.size
-    label = resize_label(label, out_size)
+    label = pil_resize_label(label, out_size)
     if size is None and was_rgb and png_bit_depth(image_bytes) == 8:
       image_png = image_bytes  # already an 8-bit RGB PNG: store as is
     else:
       # Level 6 (PIL's default): ~13% smaller and ~10% faster to decode than level 3; the build
       # is a one-off, decoding happens at every training step.
-      image_png = encode_png(resize_image(img, out_size), compress_level=6)
+      image_png = encode_png(pil_resize_image(img, out_size), compress_level=6)
     example = {"image": image_png, "label": encode_png(label, compress_level=1), "file_name": pair.file_name}
     return pair.key, example, resized
 
