@@ -107,7 +107,8 @@ def main(argv=None):
     # CorruptFileError (a bad file, named), ValueError (bad arguments), FileNotFoundError (no
     # images under --manual_dir), AssertionError (TFDS's own manual-dir check): one line each.
     except (datasets.CorruptFileError, ValueError, FileNotFoundError, AssertionError) as e:
-      raise SystemExit(f"error: {' '.join(str(e).split())}") from e
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+      sys.exit(2)
   for s in summaries:
     print_summary(s)
   return summaries

@@ -40,6 +40,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `udajax` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from udajax import errors  # noqa: E402
+
 RESNET101_BLOCKS = (3, 4, 23, 3)
 TORCHVISION_VGG_CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 REFERENCE_VGG_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29, 31)  # + fc6, fc7
@@ -47,8 +49,9 @@ REFERENCE_VGG_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29, 31)  # 
 _PREFIXES = ("module.", "Scale.")
 
 
-class CheckpointConversionError(ValueError):
-  """The PyTorch file does not fit the requested model; the message names every offending key."""
+class CheckpointConversionError(errors.CheckpointError):
+  """The PyTorch file is missing, unreadable or does not fit the requested model; the message
+  names the file and every offending key."""
 
 
 def load_torch_state_dict(path: str, trust_pickle: bool = False) -> Dict[str, np.ndarray]:
@@ -67,7 +70,7 @@ def _read_state_dict(path: str, trust_pickle: bool = False):
   import torch  # only the converter needs torch
 
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"PyTorch checkpoint {path} does not exist")
+    raise CheckpointConversionError(f"PyTorch checkpoint {path} does not exist")
   allowed = [np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
   scalar = getattr(getattr(getattr(np, "_core", np), "multiarray", None), "scalar", None)
   if scalar is not None:
@@ -339,13 +342,17 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from udajax.checkpoints import save_variables
-  variables, info = convert_checkpoint_with_info(
-      args.input, args.backbone, num_classes=args.num_classes,
-      aspp_branches=args.aspp_branches, drop_classifier=args.drop_classifier,
-      trust_pickle=args.trust_pickle, seed=args.seed,
-      stage_blocks=tuple(int(b) for b in args.stage_blocks.split(",")),
-      base_width=args.base_width, vgg_width=args.vgg_width)
-  out = save_variables(args.output, variables)
+  try:
+    variables, info = convert_checkpoint_with_info(
+        args.input, args.backbone, num_classes=args.num_classes,
+        aspp_branches=args.aspp_branches, drop_classifier=args.drop_classifier,
+        trust_pickle=args.trust_pickle, seed=args.seed,
+        stage_blocks=tuple(int(b) for b in args.stage_blocks.split(",")),
+        base_width=args.base_width, vgg_width=args.vgg_width)
+    out = save_variables(args.output, variables)
+  except errors.USER_ERRORS as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    return 2
   n_params = sum(1 for _ in _flatten(variables.get("params", {})))
   n_stats = sum(1 for _ in _flatten(variables.get("batch_stats", {})))
   print(f"converted {info['tensors']} tensors from {args.input} (layout: {info['layout']}) "

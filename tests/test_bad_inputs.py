@@ -72,21 +72,22 @@ def test_corrupt_png_in_manual_dir(tmp_path):
   r = train_cli.run([sys.executable, "data_prep/build_datasets.py", "gta5", "--config=full",
                      f"--manual_dir={tmp_path / 'gta5'}", f"--data_dir={tmp_path / 'data'}"],
                     timeout=120)
-  assert r.returncode != 0
+  assert r.returncode == 2
   line = _one_error_line(r.stderr)
   assert str(bad) in line and "cannot decode" in line, line
   assert "--skip_corrupt" in r.stderr
 
 
-def test_manual_dir_without_images(tmp_path):
+def test_manual_dir_without_images(tmp_path, capsys):
   """A manual dir with the right folders but no frames: one line naming the dir and what to get."""
   from data_prep import build_datasets
   (tmp_path / "gta5" / "images").mkdir(parents=True)
   (tmp_path / "gta5" / "labels").mkdir()
   with pytest.raises(SystemExit) as e:
     build_datasets.main(["gta5", f"--manual_dir={tmp_path / 'gta5'}", f"--data_dir={tmp_path / 'data'}"])
-  msg = str(e.value)
-  assert msg.startswith("error: no gta5 train images found under") and "\n" not in msg
+  assert e.value.code == 2
+  msg = _one_error_line(capsys.readouterr().err)
+  assert msg.startswith("error: no gta5 train images found under"), msg
   assert str(tmp_path / "gta5") in msg and "images/NNNNN.png" in msg
 
 
@@ -172,3 +173,32 @@ def test_resume_with_a_changed_config(tmp_path):
   state19 = ts.create_train_state(c19, _tiny_variables(c19), rng)
   with pytest.raises(checkpoints.CheckpointError, match="cannot resume from checkpoint step 1 .*use a new --workdir"):
     checkpoints.restore_state(checkpoints.checkpoint_manager(str(tmp_path)), 1, state19)
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "not_a_dir"
+  path.write_text("x")
+  r = train_cli.run([sys.executable, "train.py", "--config=configs/demo.py",
+                     f"--workdir={path}"], timeout=120)
+  assert r.returncode == 2
+  line = _one_error_line(r.stderr)
+  assert f"--workdir={path} is a file" in line, line
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint\n", b""])
+def test_convert_a_file_that_is_not_a_checkpoint(tmp_path, content):
+  path = tmp_path / "notes.pth"
+  path.write_bytes(content)
+  r = train_cli.run([sys.executable, "data_prep/convert_torch_checkpoint.py", f"--input={path}",
+                     f"--output={tmp_path / 'out'}"], timeout=120)
+  assert r.returncode == 2, r.stderr
+  line = _one_error_line(r.stderr)
+  assert f"cannot read PyTorch checkpoint {path}" in line, line
+  assert not (tmp_path / "out").exists()
+
+
+def test_convert_a_missing_file(tmp_path):
+  r = train_cli.run([sys.executable, "data_prep/convert_torch_checkpoint.py",
+                     f"--input={tmp_path / 'nope.pth'}", f"--output={tmp_path / 'out'}"], timeout=120)
+  assert r.returncode == 2
+  assert "nope.pth does not exist" in _one_error_line(r.stderr)

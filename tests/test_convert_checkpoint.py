@@ -128,7 +128,7 @@ def test_bad_state_dict_names_every_key(tiny_resnet, tmp_path):
 
 
 def test_missing_and_unreadable_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.pth"):
+  with pytest.raises(conv.CheckpointConversionError, match="nope.pth"):
     conv.convert_checkpoint(str(tmp_path / "nope.pth"))
   bad = tmp_path / "broken.pth"
   bad.write_bytes(b"not a checkpoint")
