@@ -30,7 +30,8 @@ def _cpu_seconds():
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--frames", type=int, default=100)
   p.add_argument("--images", type=int, default=300, help="images timed per repeat")
   p.add_argument("--batch", type=int, default=1, help="batch_size_per_device")
@@ -53,12 +54,14 @@ def main():
       fake_data.write_gta5(manual, n=args.frames, size=(1914, 1052), mismatch=(3,), noise=4)
     t1 = time.time()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    print(f"fake tree: {t1 - t0:.1f} s; build gta5/1280x720 ({args.frames} frames): {time.time() - t1:.1f} s "
-          f"({args.frames / (time.time() - t1):.1f} frames/s); stats {builder.build_stats.as_dict()}")
+    print(f"fake tree: {t1 - t0:.1f} s; build gta5/1280x720 ({args.frames} frames): "
+          f"{time.time() - t1:.1f} s ({args.frames / (time.time() - t1):.1f} frames/s); "
+          f"stats {builder.build_stats.as_dict()}")
   n = input_pipeline.num_examples("gta5", "1280x720", "train", data_dir)
-  size_mb = sum(os.path.getsize(os.path.join(builder.data_dir, f)) for f in os.listdir(builder.data_dir)) / 2**20
-  print(f"dataset: {n} examples, {size_mb:.0f} MiB ({size_mb / n:.2f} MiB/example); cpus: {os.cpu_count()}, "
-        f"load avg {os.getloadavg()[0]:.2f}")
+  size_mb = sum(os.path.getsize(os.path.join(builder.data_dir, f))
+                for f in os.listdir(builder.data_dir)) / 2**20
+  print(f"dataset: {n} examples, {size_mb:.0f} MiB ({size_mb / n:.2f} MiB/example); "
+        f"cpus: {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")
 
   per_batch = args.batch * args.devices
   it = input_pipeline.train_iterator(

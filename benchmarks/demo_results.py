@@ -69,7 +69,8 @@ def run(seeds, workdir, out):
       json.dump({"seeds": seeds, "mIoU": results}, f, indent=2)
 
   src_steps = base.train.warmup_source_only_steps
-  lines = ["| run (target val mIoU, %) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+  lines = ["| run (target val mIoU, %) | " + " | ".join(f"seed {s}" for s in seeds)
+           + " | mean ± std |",
            "| --- | " + " | ".join("---" for _ in seeds) + " | --- |"]
   for name, vals in results.items():
     steps = src_steps if name == "source only" else src_steps + base.train.num_steps

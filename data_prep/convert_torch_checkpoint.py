@@ -226,7 +226,8 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], backbone: str = "resne
   if has_head and num_classes is not None and file_classes not in (None, num_classes):
     raise CheckpointConversionError(
         f"{source}: its classifier has {file_classes} classes but --num_classes={num_classes}; "
-        "convert with the matching --num_classes or pass --drop_classifier to keep the backbone only")
+        "convert with the matching --num_classes or pass --drop_classifier to keep the backbone "
+        "only")
   n_cls = file_classes or num_classes or 19
   model = _model(backbone, n_cls, aspp_branches, stage_blocks, base_width, vgg_width)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))

@@ -29,7 +29,8 @@ def _map(raw, table):
 def smooth_image(rng, h, w, noise=3):
   """A compressible RGB image (gradients, blocks, mild noise) like a rendered frame."""
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  img = np.stack([255 * xx / max(w - 1, 1), 255 * yy / max(h - 1, 1), 128 + 60 * np.sin(xx / 17.0)], -1)
+  img = np.stack([255 * xx / max(w - 1, 1), 255 * yy / max(h - 1, 1),
+                  128 + 60 * np.sin(xx / 17.0)], -1)
   for _ in range(6):
     y0, x0 = rng.integers(0, h), rng.integers(0, w)
     img[y0:y0 + h // 4, x0:x0 + w // 5] = rng.integers(0, 256, size=3)
@@ -111,7 +112,8 @@ def write_synthia(root, n=3, size=(40, 24), channels=3, seed=1):
 
 
 def write_cityscapes(root, size=(64, 32), as_zip=False, seed=2,
-                     cities={"train": ("aachen", "bremen"), "validation": ("frankfurt",)}, per_city=2):
+                     cities={"train": ("aachen", "bremen"), "validation": ("frankfurt",)},
+                     per_city=2):
   """Cityscapes tree (leftImg8bit/ + gtFine/, or the two official zips). Returns
   {split: {file_name: expected train ids}}."""
   rng = np.random.default_rng(seed)
@@ -132,12 +134,14 @@ def write_cityscapes(root, size=(64, 32), as_zip=False, seed=2,
         Image.fromarray(raw).save(buf, format="PNG")  # mode L
         files[f"gtFine/{sub}/{city}/{stem}_gtFine_labelIds.png"] = buf.getvalue()
         files[f"gtFine/{sub}/{city}/{stem}_gtFine_color.png"] = b"not used"
-        expected[split][f"leftImg8bit/{sub}/{city}/{stem}_leftImg8bit.png"] = _map(raw, CITYSCAPES_MAP)
+        expected[split][f"leftImg8bit/{sub}/{city}/{stem}_leftImg8bit.png"] = _map(
+            raw, CITYSCAPES_MAP)
   # A test-split image without usable labels must be ignored.
   files["leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png"] = files[next(iter(files))]
   if as_zip:
     os.makedirs(root, exist_ok=True)
-    for top, zname in (("leftImg8bit", "leftImg8bit_trainvaltest.zip"), ("gtFine", "gtFine_trainvaltest.zip")):
+    for top, zname in (("leftImg8bit", "leftImg8bit_trainvaltest.zip"),
+                       ("gtFine", "gtFine_trainvaltest.zip")):
       with zipfile.ZipFile(os.path.join(root, zname), "w") as z:
         z.writestr("README", "fake")
         for rel, data in files.items():

@@ -28,7 +28,7 @@ def demo_data_dir(tmp_path_factory):
 
 def _one_error_line(stderr):
   assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
+  lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1, stderr[-3000:]
   return lines[0]
 
@@ -84,7 +84,8 @@ def test_manual_dir_without_images(tmp_path, capsys):
   (tmp_path / "gta5" / "images").mkdir(parents=True)
   (tmp_path / "gta5" / "labels").mkdir()
   with pytest.raises(SystemExit) as e:
-    build_datasets.main(["gta5", f"--manual_dir={tmp_path / 'gta5'}", f"--data_dir={tmp_path / 'data'}"])
+    build_datasets.main(["gta5", f"--manual_dir={tmp_path / 'gta5'}",
+                         f"--data_dir={tmp_path / 'data'}"])
   assert e.value.code == 2
   msg = _one_error_line(capsys.readouterr().err)
   assert msg.startswith("error: no gta5 train images found under"), msg
@@ -115,7 +116,8 @@ def test_training_crop_larger_than_stored_images(demo_data_dir):
 def test_unknown_key_and_negative_lambda_in_a_config():
   c = train_cli.config(None)
   c.loss.lambda_or = -1.0
-  with pytest.raises(configuration.ConfigError, match=r"'loss.lambda_or' = -1.0: loss weights must be >= 0"):
+  with pytest.raises(configuration.ConfigError,
+                     match=r"'loss.lambda_or' = -1.0: loss weights must be >= 0"):
     configuration.validate_config(c)
   c = train_cli.config(None)
   with pytest.raises(AttributeError, match=r'"lrr" does not exist'):
@@ -171,7 +173,8 @@ def test_resume_with_a_changed_config(tmp_path):
   manager.wait_until_finished()
   c19 = train_cli.config(None)
   state19 = ts.create_train_state(c19, _tiny_variables(c19), rng)
-  with pytest.raises(checkpoints.CheckpointError, match="cannot resume from checkpoint step 1 .*use a new --workdir"):
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="cannot resume from checkpoint step 1 .*use a new --workdir"):
     checkpoints.restore_state(checkpoints.checkpoint_manager(str(tmp_path)), 1, state19)
 
 
@@ -199,6 +202,7 @@ def test_convert_a_file_that_is_not_a_checkpoint(tmp_path, content):
 
 def test_convert_a_missing_file(tmp_path):
   r = train_cli.run([sys.executable, "data_prep/convert_torch_checkpoint.py",
-                     f"--input={tmp_path / 'nope.pth'}", f"--output={tmp_path / 'out'}"], timeout=120)
+                     f"--input={tmp_path / 'nope.pth'}", f"--output={tmp_path / 'out'}"],
+                    timeout=120)
   assert r.returncode == 2
   assert "nope.pth does not exist" in _one_error_line(r.stderr)

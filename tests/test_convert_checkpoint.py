@@ -69,7 +69,8 @@ def test_reference_layout_with_layer5_and_layer6(tiny_resnet, tiny_apply, images
   assert "layer6.conv2d_list.3.weight" in info["dropped"]
   w = tiny_resnet.layer2[0].conv2.weight.detach().numpy()
   np.testing.assert_array_equal(
-      variables["params"]["backbone"]["layer2"]["block0"]["conv2"]["kernel"], w.transpose(2, 3, 1, 0))
+      variables["params"]["backbone"]["layer2"]["block0"]["conv2"]["kernel"],
+      w.transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["bn1"]["var"],
                                 tiny_resnet.bn1.running_var.numpy())
   logits, feats = tiny_apply(variables, jnp.asarray(images))

@@ -61,7 +61,8 @@ def test_train_shapes_dtypes_and_ranges(data_dir):
   assert batch["label"].shape == (4, 3, 96, 192) and batch["label"].dtype == np.int32
   img = batch["image"]
   for c in range(3):
-    assert img[..., c].min() >= -MEAN_BGR[c] - 1e-4 and img[..., c].max() <= 255 - MEAN_BGR[c] + 1e-4
+    assert img[..., c].min() >= -MEAN_BGR[c] - 1e-4
+    assert img[..., c].max() <= 255 - MEAN_BGR[c] + 1e-4
   assert set(np.unique(batch["label"])) <= set(range(19)) | {255}
   no_labels = next(_train(data_dir, with_labels=False))
   assert set(no_labels) == {"image"}
@@ -71,7 +72,8 @@ def test_train_without_augment_is_exact_normalised_permutation(data_dir, stored)
   """augment=False: the stream is the documented per-epoch permutation, normalised exactly."""
   n = 500
   perms = ip._EpochPermutations(n, ip._stream_key(3, "udajax_demo", "target"))
-  batches = _take(_train(data_dir, augment=False, start_step=124), 2)  # steps 124, 125 cross epoch 0 -> 1
+  # Steps 124 and 125 cross epoch 0 -> 1.
+  batches = _take(_train(data_dir, augment=False, start_step=124), 2)
   flat_img = np.concatenate([b["image"].reshape(-1, 96, 192, 3) for b in batches])
   flat_lbl = np.concatenate([b["label"].reshape(-1, 96, 192) for b in batches])
   for j, pos in enumerate(range(124 * 4, 126 * 4)):
@@ -110,10 +112,12 @@ def test_blur_matches_pil_gaussian_blur():
   for im in (img, noise):
     for sigma in (0.0, 0.3, 0.6, 1.0):
       ours = ip.gaussian_blur(ip.tf.constant(im, ip.tf.float32), sigma).numpy()
-      pil = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius=sigma)), np.float32)
+      pil = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius=sigma)),
+                       np.float32)
       diff = np.abs(np.round(ours) - pil)  # PIL rounds after each of its 6 passes; we round once
       assert diff.mean() < 1.0 and diff.max() <= 3, (sigma, diff.mean(), diff.max())
-  np.testing.assert_allclose(ip.gaussian_blur(ip.tf.constant(img, ip.tf.float32), 0.0).numpy(), img, atol=1e-3)
+  np.testing.assert_allclose(ip.gaussian_blur(ip.tf.constant(img, ip.tf.float32), 0.0).numpy(),
+                             img, atol=1e-3)
 
 
 def test_fast_blur_equals_three_box_passes():
@@ -159,12 +163,15 @@ def test_eval_covers_each_example_once(data_dir, stored, num_shards):
   for shard in range(num_shards):
     batches = list(ip.eval_iterator(
         "udajax_demo", builder_config="source", split=f"validation[:{n}]", data_dir=data_dir,
-        batch_size_per_device=2, num_local_devices=4, num_classes=19, shard_index=shard, num_shards=num_shards))
+        batch_size_per_device=2, num_local_devices=4, num_classes=19, shard_index=shard,
+        num_shards=num_shards))
     batches_per_shard.append(len(batches))
     for b in batches:
-      assert b["image"].shape == (4, 2, 96, 192, 3) and b["mask"].shape == (4, 2) and b["mask"].dtype == bool
+      assert b["image"].shape == (4, 2, 96, 192, 3) and b["mask"].shape == (4, 2)
+      assert b["mask"].dtype == bool
       assert b["label"].dtype == np.int32 and b["file_name"].shape == (4, 2)
-      for img, lbl, m, fn in zip(b["image"].reshape(-1, 96, 192, 3), b["label"].reshape(-1, 96, 192),
+      for img, lbl, m, fn in zip(b["image"].reshape(-1, 96, 192, 3),
+                                 b["label"].reshape(-1, 96, 192),
                                  b["mask"].ravel(), b["file_name"].ravel()):
         if not m:
           assert (lbl == 255).all()
@@ -176,7 +183,8 @@ def test_eval_covers_each_example_once(data_dir, stored, num_shards):
   stored_by_name = {}
   b = datasets.load_builder("udajax_demo", "source", data_dir)
   for i, ex in enumerate(b.as_data_source(f"validation[:{n}]")):
-    stored_by_name[ex["file_name"].encode() if isinstance(ex["file_name"], str) else ex["file_name"]] = i
+    file_name = ex["file_name"]
+    stored_by_name[file_name.encode() if isinstance(file_name, str) else file_name] = i
   assert set(seen) == set(stored_by_name)
   for fn, (img, lbl) in seen.items():
     ref_img, ref_lbl = stored["source", "validation"][stored_by_name[fn]]
@@ -185,8 +193,8 @@ def test_eval_covers_each_example_once(data_dir, stored, num_shards):
 
 
 def test_remap_16_classes(data_dir):
-  kw = dict(builder_config="target", split="validation[:4]", data_dir=data_dir, batch_size_per_device=4,
-            num_local_devices=1, shard_index=0, num_shards=1)
+  kw = dict(builder_config="target", split="validation[:4]", data_dir=data_dir,
+            batch_size_per_device=4, num_local_devices=1, shard_index=0, num_shards=1)
   b19 = next(ip.eval_iterator("udajax_demo", num_classes=19, **kw))
   b16 = next(ip.eval_iterator("udajax_demo", num_classes=16, **kw))
   np.testing.assert_array_equal(b16["label"], labels.TRAIN_ID_TO_16[b19["label"]])
@@ -201,17 +209,18 @@ def test_resize_on_the_fly_and_label_size(data_dir, stored):
   batch = next(_train(data_dir, image_size=(48, 96)))
   assert batch["image"].shape == (2, 2, 48, 96, 3) and batch["label"].shape == (2, 2, 48, 96)
   ev = next(ip.eval_iterator(
-      "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir, image_size=(48, 96),
-      label_size=(96, 192), batch_size_per_device=2, num_local_devices=1, num_classes=19, shard_index=0,
-      num_shards=1))
+      "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir,
+      image_size=(48, 96), label_size=(96, 192), batch_size_per_device=2, num_local_devices=1,
+      num_classes=19, shard_index=0, num_shards=1))
   assert ev["image"].shape == (1, 2, 48, 96, 3) and ev["label"].shape == (1, 2, 96, 192)
   img0, lbl0 = stored["source", "validation"][0]
   np.testing.assert_array_equal(ev["label"][0, 0], lbl0)  # kept at full size
   pil = np.asarray(Image.fromarray(img0).resize((96, 48), Image.BICUBIC), np.float32)
   assert np.abs(images.denormalize(ev["image"][0, 0]).astype(np.float32) - pil).mean() < 2.0
   small = next(ip.eval_iterator(
-      "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir, image_size=(48, 96),
-      batch_size_per_device=2, num_local_devices=1, num_classes=19, shard_index=0, num_shards=1))
+      "udajax_demo", builder_config="source", split="validation[:2]", data_dir=data_dir,
+      image_size=(48, 96), batch_size_per_device=2, num_local_devices=1, num_classes=19,
+      shard_index=0, num_shards=1))
   np.testing.assert_array_equal(small["label"][0, 0],
                                 np.asarray(Image.fromarray(lbl0).resize((96, 48), Image.NEAREST)))
 

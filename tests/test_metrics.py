@@ -32,7 +32,7 @@ def test_confusion_matrix_psum_over_devices():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 4, size=(n, 2, 5, 5))
   pred = rng.integers(0, 4, size=(n, 2, 5, 5))
-  f = jax.pmap(lambda p, l: metrics.confusion_matrix(p, l, 4, axis_name="d"), axis_name="d")
+  f = jax.pmap(lambda p, y: metrics.confusion_matrix(p, y, 4, axis_name="d"), axis_name="d")
   out = np.asarray(f(pred, labels))
   single = np.asarray(metrics.confusion_matrix(pred.reshape(-1, 5, 5), labels.reshape(-1, 5, 5), 4))
   for d in range(n):

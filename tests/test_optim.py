@@ -38,7 +38,8 @@ def test_matches_torch_sgd_with_param_groups():
                                frozen_prefixes=optim.RESNET_FROZEN_PREFIXES)
   opt_state = tx.init(params)
   for g in grads:
-    gtree = {"backbone": {"w": g["w"], "bn1": {"scale": g["frozen"]}}, "classifier": {"b": g["head"]}}
+    gtree = {"backbone": {"w": g["w"], "bn1": {"scale": g["frozen"]}},
+             "classifier": {"b": g["head"]}}
     updates, opt_state = tx.update(gtree, opt_state, params)
     params = optax.apply_updates(params, updates)
 

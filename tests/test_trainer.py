@@ -64,7 +64,8 @@ def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path):
                "train/lr", "steps_per_sec", "eval/mIoU", "eval/pixel_accuracy", "eval/IoU/road",
                "eval/input_label_prediction"]:
     assert name in tags, name
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(full, "checkpoints", "[0-9]*")))
+  steps = sorted(int(os.path.basename(p))
+                 for p in glob.glob(os.path.join(full, "checkpoints", "[0-9]*")))
   assert steps == [3, 6]
 
   # Interrupted at step 3, then restarted in the same workdir: same final parameters.
@@ -112,12 +113,14 @@ def test_best_checkpoint_kept_across_restarts_and_selected(tmp_path):
   manager.wait_until_finished()
   assert manager.best_step() == 1 and manager.all_steps() == [1, 3]
   manager.close()
-  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)  # a restarted job
+  # A restarted job.
+  manager = checkpoints.checkpoint_manager(workdir, config.train.keep_checkpoints)
   save(manager, 4, None)
   save(manager, 5, 5.0)
   manager.wait_until_finished()
   assert manager.best_step() == 1 and 1 in manager.all_steps() and 5 in manager.all_steps()
   manager.close()
-  np.testing.assert_array_equal(checkpoints.load_workdir_variables(workdir, "best")["params"]["w"], [1, 1])
+  np.testing.assert_array_equal(
+      checkpoints.load_workdir_variables(workdir, "best")["params"]["w"], [1, 1])
   np.testing.assert_array_equal(checkpoints.load_workdir_variables(workdir)["params"]["w"], [5, 5])
   assert evaluation.selection_metric(16) == "mIoU13" and evaluation.selection_metric(19) == "mIoU"

@@ -60,7 +60,8 @@ def config(data_dir, **overrides):
 
 def flags(data_dir, workdir, **overrides):
   """The command line equivalent of `config(data_dir, **overrides)`."""
-  args = [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs", "demo.py"),
+  args = [sys.executable, os.path.join(ROOT, "train.py"),
+          "--config=" + os.path.join(ROOT, "configs", "demo.py"),
           f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
   for key, value in {**TINY, **overrides}.items():
     args.append(f"--config.{key}={value}")
@@ -83,7 +84,8 @@ def run(args, timeout=300, **env_extra):
 def start(args, log_path, **env_extra):
   """Starts a command in the background with stdout+stderr to `log_path`."""
   log = open(log_path, "w")
-  return subprocess.Popen(args, cwd=ROOT, env=env(**env_extra), stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(args, cwd=ROOT, env=env(**env_extra), stdout=log,
+                          stderr=subprocess.STDOUT)
 
 
 def complete_steps(workdir):

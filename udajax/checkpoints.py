@@ -238,7 +238,8 @@ def merge_init_variables(fresh: dict, loaded: dict, source: str) -> dict:
     flat = {k: (np.asarray(got[k]) if k in got else value) for k, value in f.items()}
     merged[collection] = flax.traverse_util.unflatten_dict(flat)
   if problems:
-    shown = "; ".join(problems[:20]) + (f"; ... ({len(problems)} in all)" if len(problems) > 20 else "")
+    shown = "; ".join(problems[:20]) + (
+        f"; ... ({len(problems)} in all)" if len(problems) > 20 else "")
     raise CheckpointError(
         f"init checkpoint {source} does not fit the configured model (check config.num_classes and "
         f"config.model.backbone/stage_blocks/base_width): {shown}")

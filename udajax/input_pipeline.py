@@ -3,7 +3,8 @@
 Batches come out as numpy arrays with a leading device axis, ready for `jax.pmap`:
   "image": float32 (num_local_devices, B, H, W, 3), normalised like the reference: RGB -> BGR,
            minus (104.00698793, 116.66876762, 122.67891434), no scaling;
-  "label": int32 (num_local_devices, B, H, W), 255 = ignore (19 train ids, or 16 with num_classes=16);
+  "label": int32 (num_local_devices, B, H, W), 255 = ignore (19 train ids, or 16 with
+           num_classes=16);
   eval batches add "mask" bool (num_local_devices, B) and "file_name" bytes (num_local_devices, B).
 
 Determinism (training). Examples are read by index from the ArrayRecord files
@@ -11,10 +12,10 @@ Determinism (training). Examples are read by index from the ArrayRecord files
 of the split drawn from (seed, dataset name and config, epoch); step s consumes stream positions
 [s * G, (s + 1) * G) with G = num_shards * num_local_devices * B, and shard k takes the k-th
 contiguous block of that range. Every random augmentation decision of an example is a stateless
-function of (seed, dataset name and config, stream position). So the batch of step s is a pure function of
-(seed, s, shard, sharding), and a run started at `start_step=k` yields exactly the batches an
-uninterrupted run yields from step k on. Reading (a small py_function per example), PNG decoding,
-resizing and augmentation run in one parallel, order-preserving tf.data map.
+function of (seed, dataset name and config, stream position). So the batch of step s is a pure
+function of (seed, s, shard, sharding), and a run started at `start_step=k` yields exactly the
+batches an uninterrupted run yields from step k on. Reading (a small py_function per example), PNG
+decoding, resizing and augmentation run in one parallel, order-preserving tf.data map.
 
 Augmentation (the reference's `_train_sync_transform`, after its resize, which the resized builder
 configs already did at build time): horizontal flip of image and label with p = 0.5; Gaussian blur
@@ -51,7 +52,8 @@ def _shard_defaults(shard_index, num_shards):
 
 def _data_source(name, builder_config, split, data_dir):
   builder = datasets_lib.load_builder(name, builder_config, data_dir)
-  source = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  source = builder.as_data_source(
+      split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   return builder, source
 
 
@@ -394,7 +396,10 @@ def eval_iterator(
 
   def process(index, valid):
     image, label, file_name = _parse(read(index))
-    image = tf_resize_image(image, image_size) if image_size is not None else tf.cast(image, tf.float32)
+    if image_size is not None:
+      image = tf_resize_image(image, image_size)
+    else:
+      image = tf.cast(image, tf.float32)
     if label_size is not None:
       label = tf_resize_label(label, label_size)
     label = _remap(label, num_classes)

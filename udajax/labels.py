@@ -55,7 +55,8 @@ SYNTHIA16_TRAIN_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 TRAIN_ID_TO_16 = _lut({t: i for i, t in enumerate(SYNTHIA16_TRAIN_IDS)})
 # The 13-class mIoU drops wall, fence and pole: indices into the 16 classes.
 SYNTHIA13_OF_16 = tuple(
-    i for i, t in enumerate(SYNTHIA16_TRAIN_IDS) if CITYSCAPES_CLASSES[t] not in ("wall", "fence", "pole")
+    i for i, t in enumerate(SYNTHIA16_TRAIN_IDS)
+    if CITYSCAPES_CLASSES[t] not in ("wall", "fence", "pole")
 )
 
 

@@ -36,7 +36,7 @@ def confusion_matrix(pred, labels, num_classes: int, *, mask=None, axis_name=Non
 
 
 def iou_from_confusion(cm) -> np.ndarray:
-  """Per-class IoU = TP / (TP + FP + FN); NaN for classes absent from both labels and predictions."""
+  """Per-class IoU = TP / (TP + FP + FN); NaN for a class in neither labels nor predictions."""
   cm = np.asarray(cm, np.float64)
   tp = np.diag(cm)
   denom = cm.sum(0) + cm.sum(1) - tp
@@ -72,14 +72,18 @@ def format_table(results: Dict[str, Dict[str, float]], class_names: Sequence[str
   width = max(len(c) for c in class_names + ("pixel accuracy",))
   head = " | ".join([f"{'class':<{width}}"] + [f"{c:>12}" for c in cols])
   lines = [head, "-" * len(head)]
-  fmt = lambda v: f"{v:12.1f}" if v == v else f"{'-':>12}"
+
+  def fmt(v):
+    return f"{v:12.1f}" if v == v else f"{'-':>12}"
+
   for name in class_names:
     lines.append(" | ".join([f"{name:<{width}}"] + [fmt(results[c][f"IoU/{name}"]) for c in cols]))
   lines.append("-" * len(head))
   extra = sorted({k for r in results.values() for k in r if k.startswith("mIoU")})
   for key in extra + ["pixel_accuracy"]:
     label = key.replace("_", " ")
-    lines.append(" | ".join([f"{label:<{width}}"] + [fmt(results[c].get(key, float("nan"))) for c in cols]))
+    lines.append(" | ".join([f"{label:<{width}}"]
+                            + [fmt(results[c].get(key, float("nan"))) for c in cols]))
   return "\n".join(lines)
 
 

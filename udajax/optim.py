@@ -51,7 +51,9 @@ def make_optimizer(*, learning_rate: float, num_steps: int, momentum: float = 0.
                    head_lr_mult: float = 10.0, frozen_prefixes: Sequence[tuple] = ()):
   """Returns (optax transformation, lr schedule of the backbone) following PyTorch SGD."""
   schedule = poly_schedule(learning_rate, num_steps, poly_power)
-  head_schedule = lambda step: head_lr_mult * schedule(step)
+
+  def head_schedule(step):
+    return head_lr_mult * schedule(step)
 
   def sgd(lr_fn):
     return optax.chain(

@@ -45,7 +45,8 @@ def get_builder(name: str, builder_config: str, data_dir: Optional[str] = None, 
   cls = builder_class(name)
   names = config_names(name)
   if builder_config not in names:
-    raise ValueError(f"dataset {name!r} has no builder config {builder_config!r}; choose one of {names}")
+    raise ValueError(f"dataset {name!r} has no builder config {builder_config!r}; "
+                     f"choose one of {names}")
   return cls(config=builder_config, data_dir=data_dir, file_format=FILE_FORMAT, **kwargs)
 
 
@@ -62,8 +63,8 @@ def load_builder(name: str, builder_config: str, data_dir: Optional[str] = None)
   if FILE_FORMAT not in formats:
     raise DatasetNotBuiltError(
         f"dataset {name}/{builder_config} under {builder.data_dir} is stored as {formats}, but the"
-        f" input pipeline needs {FILE_FORMAT} (random access). Delete that folder and rebuild with:\n  "
-        + build_command(name, builder_config, data_dir)
+        f" input pipeline needs {FILE_FORMAT} (random access). Delete that folder and rebuild"
+        " with:\n  " + build_command(name, builder_config, data_dir)
     )
   return builder
 

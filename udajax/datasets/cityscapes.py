@@ -58,7 +58,8 @@ class Cityscapes(common.PairedSegBuilder, skip_registration=True):
   name = "cityscapes"
   BUILDER_CONFIGS = [
       common.SegConfig(name="full", description="Original size (2048x1024).", size=None),
-      common.SegConfig(name="1024x512", description="Resized to 1024x512 (W x H).", size=(1024, 512)),
+      common.SegConfig(name="1024x512", description="Resized to 1024x512 (W x H).",
+                       size=(1024, 512)),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Register at https://www.cityscapes-dataset.com/ and download leftImg8bit_trainvaltest.zip
@@ -90,10 +91,15 @@ class Cityscapes(common.PairedSegBuilder, skip_registration=True):
     if self._use_zips(manual_dir):
       opener = self._opener(manual_dir)
       prefix = f"leftImg8bit/{sub}/"
-      images = sorted(n for n in opener.names("leftImg8bit") if n.startswith(prefix) and n.endswith(_IMG_SUFFIX))
+      images = sorted(n for n in opener.names("leftImg8bit")
+                      if n.startswith(prefix) and n.endswith(_IMG_SUFFIX))
       rels = [n[len("leftImg8bit/"):] for n in images]
-      img_path = lambda rel: f"leftImg8bit/{rel}"
-      lbl_path = lambda rel: f"gtFine/{rel[:-len(_IMG_SUFFIX)]}{_LBL_SUFFIX}"
+
+      def img_path(rel):
+        return f"leftImg8bit/{rel}"
+
+      def lbl_path(rel):
+        return f"gtFine/{rel[:-len(_IMG_SUFFIX)]}{_LBL_SUFFIX}"
     else:
       root = os.path.join(manual_dir, "leftImg8bit", sub)
       rels = []
@@ -102,8 +108,13 @@ class Cityscapes(common.PairedSegBuilder, skip_registration=True):
           for f in sorted(os.listdir(os.path.join(root, city))):
             if f.endswith(_IMG_SUFFIX):
               rels.append(f"{sub}/{city}/{f}")
-      img_path = lambda rel: os.path.join(manual_dir, "leftImg8bit", *rel.split("/"))
-      lbl_path = lambda rel: os.path.join(manual_dir, "gtFine", *(rel[:-len(_IMG_SUFFIX)] + _LBL_SUFFIX).split("/"))
+
+      def img_path(rel):
+        return os.path.join(manual_dir, "leftImg8bit", *rel.split("/"))
+
+      def lbl_path(rel):
+        stem = rel[:-len(_IMG_SUFFIX)]
+        return os.path.join(manual_dir, "gtFine", *(stem + _LBL_SUFFIX).split("/"))
     return [
         common.Pair(key=os.path.basename(rel)[:-len(_IMG_SUFFIX)], image=img_path(rel),
                     label=lbl_path(rel), file_name=f"leftImg8bit/{rel}")

@@ -46,11 +46,13 @@ FILE_FORMAT = "array_record"
 BUILD_SCRIPT = "python data_prep/build_datasets.py"
 
 # TFDS dataset name -> data_prep/build_datasets.py sub-command.
-CLI_NAMES = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "udajax_demo": "demo"}
+CLI_NAMES = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes",
+             "udajax_demo": "demo"}
 
 
 
-def build_command(name: str, builder_config: Optional[str] = None, data_dir: Optional[str] = None) -> str:
+def build_command(name: str, builder_config: Optional[str] = None,
+                  data_dir: Optional[str] = None) -> str:
   """The exact shell command that builds `name`/`builder_config` (manual_dir left for the user)."""
   cli = CLI_NAMES.get(name, name)
   parts = [BUILD_SCRIPT, cli]
@@ -212,7 +214,8 @@ def generate_examples(
     if err is not None:
       if not skip_corrupt:
         raise CorruptFileError(
-            f"{err}\n(pass --skip_corrupt to data_prep/build_datasets.py to skip and count such files)"
+            f"{err}\n(pass --skip_corrupt to data_prep/build_datasets.py to skip and count such "
+            "files)"
         ) from err
       logging.warning("skipping corrupt example: %s", err)
       stats.add(split, "skipped")
@@ -299,7 +302,8 @@ class PairedSegBuilder(Builder, skip_registration=True):
       pairs = self._pairs(manual_dir, split)
       if not pairs:
         raise FileNotFoundError(
-            f"no {self.name} {split} images found under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            f"no {self.name} {split} images found under {manual_dir}.\n"
+            f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
       gens[split] = self._generate_examples(pairs, split, opener)
     return gens
 
@@ -319,7 +323,8 @@ class PairedSegBuilder(Builder, skip_registration=True):
       # Level 6 (PIL's default): ~13% smaller and ~10% faster to decode than level 3; the build
       # is a one-off, decoding happens at every training step.
       image_png = encode_png(pil_resize_image(img, out_size), compress_level=6)
-    example = {"image": image_png, "label": encode_png(label, compress_level=1), "file_name": pair.file_name}
+    example = {"image": image_png, "label": encode_png(label, compress_level=1),
+               "file_name": pair.file_name}
     return pair.key, example, resized
 
   def _generate_examples(self, pairs, split, opener):

@@ -24,7 +24,8 @@ from udajax.datasets import common
 
 HEIGHT, WIDTH = 96, 192
 BASE_SEED = 20210105
-SPLIT_SIZES = {"source": {"train": 500, "validation": 100}, "target": {"train": 500, "validation": 100}}
+SPLIT_SIZES = {"source": {"train": 500, "validation": 100},
+               "target": {"train": 500, "validation": 100}}
 _DOMAIN_ID = {"source": 0, "target": 1}
 _SPLIT_ID = {"train": 0, "validation": 1}
 
@@ -116,7 +117,8 @@ def sample_layout(rng: np.random.Generator) -> _Canvas:
       c.paint(c.rect(x, top, x + w, horizon + 1), BUILDING)
     elif kind == 1:
       r = w / 2
-      c.paint(c.ellipse(x + r, horizon - r * rng.uniform(0.4, 1.0), r, r * rng.uniform(0.7, 1.2)), VEGETATION)
+      c.paint(c.ellipse(x + r, horizon - r * rng.uniform(0.4, 1.0), r, r * rng.uniform(0.7, 1.2)),
+              VEGETATION)
       c.paint(c.rect(x, horizon - 2, x + w, horizon + 1), VEGETATION)
     x += w
   # Ground: road corridor, sidewalks, then building fronts or terrain strips on each side.
@@ -161,7 +163,8 @@ def sample_layout(rng: np.random.Generator) -> _Canvas:
     elif kind == "tree":
       px = vx + where * depth * (side_w + 0.15 * road_w)
       r = 22 * depth + 3
-      c.paint(c.rect(px - max(1, 2 * depth), gy - 45 * depth - 3, px + max(1, 2 * depth), gy), VEGETATION)
+      c.paint(c.rect(px - max(1, 2 * depth), gy - 45 * depth - 3, px + max(1, 2 * depth), gy),
+              VEGETATION)
       c.paint(c.ellipse(px, gy - 45 * depth - r * 0.6, r, r * 0.8), VEGETATION)
     elif kind == "person":
       px = vx + where * depth * (road_w + side_w) / 2
@@ -264,11 +267,14 @@ class UdajaxDemo(common.Builder, skip_registration=True):
   VERSION = common.tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
-      "1.1.0": "Softer target shift (hue rotation 30 degrees, saturation 0.85); rebuilds stale demos.",
+      "1.1.0": ("Softer target shift (hue rotation 30 degrees, saturation 0.85); rebuilds stale "
+                "demos."),
   }
   BUILDER_CONFIGS = [
-      common.SegConfig(name="source", description="Source domain appearance.", size=(WIDTH, HEIGHT)),
-      common.SegConfig(name="target", description="Target domain appearance.", size=(WIDTH, HEIGHT)),
+      common.SegConfig(name="source", description="Source domain appearance.",
+                       size=(WIDTH, HEIGHT)),
+      common.SegConfig(name="target", description="Target domain appearance.",
+                       size=(WIDTH, HEIGHT)),
   ]
 
   def __init__(self, *, sizes: Optional[dict] = None, **kwargs):

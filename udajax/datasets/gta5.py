@@ -28,7 +28,8 @@ class Gta5(common.PairedSegBuilder, skip_registration=True):
   name = "gta5"
   BUILDER_CONFIGS = [
       common.SegConfig(name="full", description="Original size (mostly 1914x1052).", size=None),
-      common.SegConfig(name="1280x720", description="Resized to 1280x720 (W x H).", size=(1280, 720)),
+      common.SegConfig(name="1280x720", description="Resized to 1280x720 (W x H).",
+                       size=(1280, 720)),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download the GTA5 dataset from https://download.visinf.tu-darmstadt.de/data/from_games/

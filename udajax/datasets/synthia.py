@@ -27,7 +27,8 @@ class Synthia(common.PairedSegBuilder, skip_registration=True):
   name = "synthia"
   BUILDER_CONFIGS = [
       common.SegConfig(name="full", description="Original size (1280x760).", size=None),
-      common.SegConfig(name="1280x760", description="Resized to 1280x760 (W x H).", size=(1280, 760)),
+      common.SegConfig(name="1280x760", description="Resized to 1280x760 (W x H).",
+                       size=(1280, 760)),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download SYNTHIA-RAND-CITYSCAPES (SYNTHIA_RAND_CITYSCAPES.rar) from
