@@ -1,11 +1,24 @@
-"""Test setup: 4 virtual CPU devices (set before jax is imported) and the repo on sys.path."""
+"""Test setup: 4 virtual CPU devices (set before jax is imported), the repo on sys.path, and
+derandomised hypothesis.
+
+The session stops with an error, before any test runs, unless jax sees exactly 4 CPU devices:
+the multi-device tests compare 4 devices with 1 and would otherwise test something else.
+Hypothesis draws the same examples on every run (profile "udajax", the default; set
+HYPOTHESIS_PROFILE=random to explore new ones locally).
+"""
 
 import os
 import sys
 
+import hypothesis
+import pytest
+
+NUM_DEVICES = 4
+
 # Multi-device code is tested on CPU with forced host devices; this must happen before jax loads.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -19,3 +32,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), "udajax_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+hypothesis.settings.register_profile("udajax", derandomize=True, database=None)
+hypothesis.settings.register_profile("random", derandomize=False, database=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "udajax"))
+
+
+def pytest_sessionstart(session):
+  """Fails the run (not a skip) unless jax sees the 4 CPU devices the tests are written for."""
+  del session
+  import jax  # imported here, after XLA_FLAGS is set above
+  backend, count = jax.default_backend(), jax.local_device_count()
+  if backend != "cpu" or count != NUM_DEVICES:
+    raise pytest.UsageError(
+        f"the tests need {NUM_DEVICES} CPU devices, jax has {count} {backend} device(s) "
+        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}). tests/conftest.py sets "
+        f"--xla_force_host_platform_device_count={NUM_DEVICES} unless XLA_FLAGS already has a "
+        "device count, and only if jax was not imported before it; run with "
+        "CUDA_VISIBLE_DEVICES= and without a device count in XLA_FLAGS.")

@@ -5,7 +5,9 @@ A learning rate of 1e8 blows the tiny demo model up: step 2's loss is huge but f
 is NaN.
 """
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests import train_cli
@@ -25,7 +27,7 @@ def test_stop_on_nan_one_line_keeps_last_good_checkpoint(demo_data_dir, tmp_path
   r = train_cli.run(train_cli.flags(demo_data_dir, work, **DIVERGE))
   assert r.returncode == 2, r.stderr[-3000:]
   assert "Traceback" not in r.stderr
-  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
   assert len(errors) == 1, r.stderr[-3000:]
   line = errors[0]
   assert line.startswith("error: training diverged: non-finite loss at step 3: "), line
@@ -34,7 +36,7 @@ def test_stop_on_nan_one_line_keeps_last_good_checkpoint(demo_data_dir, tmp_path
   assert "train.on_nan='skip'" in line and "train.lr" in line
   assert train_cli.complete_steps(work) == [1, 2]
   params = checkpoints.load_workdir_variables(work)["params"]
-  assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
 def test_skip_on_nan_continues_and_counts(demo_data_dir, tmp_path):
@@ -46,4 +48,19 @@ def test_skip_on_nan_continues_and_counts(demo_data_dir, tmp_path):
   assert skipped[1] == [0.0] and skipped[2] == [0.0] and skipped[3] == [1.0], skipped
   assert train_cli.complete_steps(work)[-1] == 6
   params = checkpoints.load_workdir_variables(work)["params"]
-  assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+  # Steps 5 and 6 were both skipped: the loop saved the same params, momentum, BN statistics and
+  # centroid state (bit for bit) at both, and only the step counters moved.
+  assert skipped[5] == [1.0] and skipped[6] == [1.0], skipped
+  manager = checkpoints.checkpoint_manager(work, read_only=True)
+  trees = [manager.restore(step, args=ocp.args.StandardRestore()) for step in (5, 6)]
+  assert int(trees[0]["step"]) == 5 and int(trees[1]["step"]) == 6
+  flat5, flat6 = ({jax.tree_util.keystr(k): np.asarray(v)
+                   for k, v in jax.tree_util.tree_leaves_with_path(t)} for t in trees)
+  assert flat5.keys() == flat6.keys()
+  assert any(k.startswith("['centroid_state']") for k in flat5)
+  for key in flat5:
+    if key.endswith((".count", "['count']")) or key in ("['step']", "['rng']"):
+      continue
+    np.testing.assert_array_equal(flat6[key], flat5[key], err_msg=key)
+  assert all(np.all(np.isfinite(v)) for k, v in flat6.items() if k != "['rng']")
