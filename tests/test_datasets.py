@@ -50,7 +50,8 @@ def test_gta5_resized_config(tmp_path):
     src = Image.open(tmp_path / "gta5" / fn).convert("RGB")
     np.testing.assert_array_equal(ex["image"], np.asarray(src.resize((1280, 720), Image.BICUBIC)))
     if fn == "images/00001.png":  # matching sizes: nearest of the mapped label
-      np.testing.assert_array_equal(ex["label"][..., 0], fake_data.pil_nearest(expected[fn], (1280, 720)))
+      np.testing.assert_array_equal(ex["label"][..., 0],
+                                    fake_data.pil_nearest(expected[fn], (1280, 720)))
     assert set(np.unique(ex["label"])) <= set(range(19)) | {255}
 
 
@@ -71,7 +72,8 @@ def test_synthia_manual_dir_is_rand_cityscapes_and_4_channels(tmp_path):
   builder = _build("synthia", "full", tmp_path / "data", tmp_path / "syn" / "RAND_CITYSCAPES")
   examples = _examples(builder)
   for fn, ex in examples.items():
-    np.testing.assert_array_equal(ex["label"][..., 0], expected["RAND_CITYSCAPES/" + fn], err_msg=fn)
+    np.testing.assert_array_equal(ex["label"][..., 0], expected["RAND_CITYSCAPES/" + fn],
+                                  err_msg=fn)
 
 
 @pytest.mark.parametrize("as_zip", [False, True])
@@ -146,7 +148,8 @@ def test_demo_is_deterministic_and_in_train_id_space():
     np.testing.assert_array_equal(a_lbl, b_lbl)
     assert a_img.shape == (96, 192, 3) and a_img.dtype == np.uint8
     assert a_lbl.shape == (96, 192) and set(np.unique(a_lbl)) <= set(demo.DEMO_CLASSES)
-  assert not np.array_equal(demo.generate("source", "train", 0)[1], demo.generate("source", "validation", 0)[1])
+  assert not np.array_equal(demo.generate("source", "train", 0)[1],
+                            demo.generate("source", "validation", 0)[1])
 
 
 def test_demo_shift_is_appearance_not_layout():
@@ -155,7 +158,8 @@ def test_demo_shift_is_appearance_not_layout():
   from udajax.datasets import demo
   def pixels(domain, n):
     xs, ys = zip(*(demo.generate(domain, "train", i) for i in range(n)))
-    return np.concatenate([x.reshape(-1, 3) for x in xs]).astype(np.float32), np.concatenate([y.ravel() for y in ys])
+    return (np.concatenate([x.reshape(-1, 3) for x in xs]).astype(np.float32),
+            np.concatenate([y.ravel() for y in ys]))
   xs, ys = pixels("source", 40)
   xt, yt = pixels("target", 40)
   fs = np.bincount(ys, minlength=19) / ys.size
@@ -170,7 +174,8 @@ def test_demo_shift_is_appearance_not_layout():
 
 
 def test_demo_builder_small(tmp_path):
-  builder = datasets.get_builder("udajax_demo", "target", str(tmp_path), sizes={"train": 4, "validation": 3})
+  builder = datasets.get_builder("udajax_demo", "target", str(tmp_path),
+                                 sizes={"train": 4, "validation": 3})
   builder.download_and_prepare()
   from udajax.datasets import demo
   examples = _examples(builder, "validation")
@@ -185,7 +190,8 @@ def test_build_cli_summary(tmp_path, capsys):
   from data_prep import build_datasets
   fake_data.write_gta5(tmp_path / "gta5", n=3, mismatch=(0,))
   fake_data.corrupt_png(tmp_path / "gta5" / "images" / "00003.png")
-  argv = ["gta5", f"--manual_dir={tmp_path / 'gta5'}", "--config=full", f"--data_dir={tmp_path / 'data'}"]
+  argv = ["gta5", f"--manual_dir={tmp_path / 'gta5'}", "--config=full",
+          f"--data_dir={tmp_path / 'data'}"]
   with pytest.raises(SystemExit) as e:
     build_datasets.main(argv)
   assert e.value.code == 2 and "00003.png" in capsys.readouterr().err
