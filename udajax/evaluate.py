@@ -1,4 +1,4 @@
-"""Evaluates a checkpoint (a udajax workdir or a converted PyTorch checkpoint) on the target set.
+r"""Evaluates a checkpoint (a udajax workdir or a converted PyTorch checkpoint) on the target set.
 
     python -m udajax.evaluate --config=configs/gta.py --checkpoint=runs/gta \
         [--which=best|latest] [--output_json=PATH] \
@@ -62,7 +62,7 @@ def main(argv):
   try:
     result = evaluation.evaluate_checkpoint(config, _CHECKPOINT.value, _WHICH.value)
   except errors.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line
     sys.exit(2)
   if jax.process_index() > 0:
     return
@@ -77,5 +77,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from udajax.predict import parse_flags
   flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

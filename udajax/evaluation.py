@@ -7,6 +7,7 @@ without labels, `make_p_predict_step` (the same forward: `train_step.predict_log
 `load_checkpoint_variables` reads the model of a work directory or a converted checkpoint.
 """
 
+import copy
 import math
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -119,8 +120,8 @@ def load_checkpoint_variables(config, checkpoint: str, which: str = "best"):
   step = None
   if checkpoints.is_workdir(checkpoint):
     step = checkpoints.workdir_step(checkpoint, which)
-  with config.unlocked():
-    config.init_checkpoint = checkpoint
+  config = copy.deepcopy(config)  # the caller's config is left as it is
+  config.init_checkpoint = checkpoint
   variables = checkpoints.initial_variables(config, jax.random.PRNGKey(0),
                                             require_classifier=True, which=which)
   return variables, step

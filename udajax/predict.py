@@ -1,0 +1,440 @@
+r"""Writes a model's predictions as PNG files, one per image.
+
+    python -m udajax.predict --config=configs/gta.py --checkpoint=runs/gta --output=preds \
+        [--format=cityscapes|trainid|color|overlay] [--images='frames/*.png'] [--which=best|latest]
+
+Without `--images` it predicts the config's eval set (`config.eval.*`: e.g.
+`--config.eval.builder_config=full --config.eval.label_size="(1024, 2048)"` for predictions at
+the full label resolution, `--config.eval.flip=True` for flip test-time augmentation), at the
+label resolution, with the evaluation's own batching and forward pass. With `--images=GLOB` it
+predicts any image files: each is resized to `config.eval.image_size` for the network and its
+prediction upsampled back to the image's own size.
+
+Formats (one per call; files are named after the image's original file name, as `.png`, and
+written directly in `--output`):
+  cityscapes  Cityscapes label ids (7 = road, ..., 33 = bicycle; not train ids), 8-bit: what the
+              Cityscapes benchmark server and `cityscapesscripts`' evalPixelLevelSemanticLabeling
+              read (they find `<city>_<seq>_<frame>*.png`; the Cityscapes file names keep that).
+  trainid     Cityscapes train ids 0..18, 8-bit (255 is never predicted).
+  color       the Cityscapes palette, RGB.
+  overlay     the palette blended over the image (`OVERLAY_ALPHA` of colour), RGB; for the eval
+              set the image is the network's input, resized to the label size if they differ.
+16-class (SYNTHIA) models write their 16 classes as the Cityscapes ids of those classes.
+"""
+
+import concurrent.futures
+import glob
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from udajax import errors
+from udajax import labels as labels_lib
+
+FORMATS = ("cityscapes", "trainid", "color", "overlay")
+# Weight of the class colour in the `overlay` format (the image gets 1 - OVERLAY_ALPHA).
+OVERLAY_ALPHA = 0.5
+
+
+class PredictInputError(errors.UserError, ValueError):
+  """Bad input to `python -m udajax.predict`: an empty glob, an unreadable image, a name clash."""
+
+
+def _train_id_to_label_id() -> np.ndarray:
+  """(19,) uint8: the Cityscapes label id of each train id (inverts CITYSCAPES_ID_TO_TRAIN_ID)."""
+  lut = labels_lib.CITYSCAPES_ID_TO_TRAIN_ID
+  out = np.zeros((labels_lib.NUM_CITYSCAPES_CLASSES,), np.uint8)
+  for train_id in range(labels_lib.NUM_CITYSCAPES_CLASSES):
+    (label_id,) = np.flatnonzero(lut == train_id)
+    out[train_id] = label_id
+  return out
+
+
+TRAIN_ID_TO_LABEL_ID = _train_id_to_label_id()
+
+
+def to_train_ids(pred, num_classes: int) -> np.ndarray:
+  """(..., H, W) class indices of a 19- or 16-class model -> uint8 Cityscapes train ids 0..18.
+
+  A 16-class model's index i is the train id `labels.SYNTHIA16_TRAIN_IDS[i]`.
+  """
+  pred = np.asarray(pred)
+  if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+    raise ValueError(f"predictions must lie in [0, {num_classes}), "
+                     f"got [{pred.min()}, {pred.max()}]")
+  if num_classes == labels_lib.NUM_CITYSCAPES_CLASSES:
+    return pred.astype(np.uint8)
+  if num_classes == len(labels_lib.SYNTHIA16_TRAIN_IDS):
+    return np.asarray(labels_lib.SYNTHIA16_TRAIN_IDS, np.uint8)[pred]
+  raise ValueError(f"num_classes must be 19 or 16, got {num_classes}")
+
+
+def to_label_ids(pred, num_classes: int) -> np.ndarray:
+  """(..., H, W) class indices -> uint8 Cityscapes label ids (7 road, ..., 33 bicycle)."""
+  return TRAIN_ID_TO_LABEL_ID[to_train_ids(pred, num_classes)]
+
+
+def to_color(pred, num_classes: int) -> np.ndarray:
+  """(..., H, W) class indices -> (..., H, W, 3) uint8 RGB in the Cityscapes palette."""
+  return labels_lib.PALETTE[to_train_ids(pred, num_classes)]
+
+
+def overlay(image, pred, num_classes: int, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+  """The palette colours of `pred` blended over `image`.
+
+  Args:
+    image: (H, W, 3) uint8 RGB, the size of `pred`.
+    pred: (H, W) class indices.
+    num_classes: 19 or 16.
+    alpha: weight of the colour; the image gets 1 - alpha.
+  Returns:
+    (H, W, 3) uint8 RGB, round((1 - alpha) * image + alpha * colour).
+  """
+  image = np.asarray(image)
+  if image.shape != np.shape(pred) + (3,):
+    raise ValueError(f"image {image.shape} and prediction {np.shape(pred)} sizes differ")
+  color = to_color(pred, num_classes).astype(np.float32)
+  out = (1.0 - alpha) * image.astype(np.float32) + alpha * color
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def render(pred, fmt: str, num_classes: int, image: Optional[np.ndarray] = None) -> np.ndarray:
+  """One prediction (H, W) as the array the format `fmt` writes: (H, W) uint8 or (H, W, 3) uint8.
+
+  `image` ((H, W, 3) uint8 RGB) is needed by the "overlay" format only.
+  """
+  if fmt == "cityscapes":
+    return to_label_ids(pred, num_classes)
+  if fmt == "trainid":
+    return to_train_ids(pred, num_classes)
+  if fmt == "color":
+    return to_color(pred, num_classes)
+  if fmt == "overlay":
+    if image is None:
+      raise ValueError("the overlay format needs the image")
+    return overlay(image, pred, num_classes)
+  raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def output_name(file_name) -> str:
+  """The PNG name of an image's prediction: its base name with the extension `.png`.
+
+  "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png" ->
+  "frankfurt_000000_000294_leftImg8bit.png" (the official evaluator's `<city>_<seq>_<frame>*.png`).
+  """
+  if isinstance(file_name, bytes):
+    file_name = file_name.decode("utf-8")
+  base = os.path.basename(str(file_name).replace("\\", "/"))
+  stem, _ = os.path.splitext(base)
+  if not stem:
+    raise PredictInputError(f"cannot name a prediction after the file name {file_name!r}")
+  return stem + ".png"
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+  """Writes (H, W) uint8 as an 8-bit grey PNG (mode L) or (H, W, 3) uint8 as RGB."""
+  array = np.ascontiguousarray(array, np.uint8)
+  Image.fromarray(array).save(path, format="PNG")  # mode L or RGB from the shape
+
+
+# ----------------------------------------------------------------------------- running a model
+
+
+class Progress:
+  """A one-line progress bar on stderr: images done / total and images per second."""
+
+  def __init__(self, total: int, enabled: bool = True, stream=None, min_interval: float = 0.5):
+    self.total, self.done, self.enabled = total, 0, enabled
+    self.stream = stream or sys.stderr
+    self.start = time.time()
+    self.last = 0.0
+    self.min_interval = min_interval
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+  def line(self) -> str:
+    rate = self.done / max(time.time() - self.start, 1e-9)
+    width = 30
+    filled = int(width * self.done / max(self.total, 1))
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} images, "
+            f"{rate:.2f} images/s")
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.time()
+    if self.enabled and (now - self.last >= (self.min_interval if self.tty else 10.0)
+                         or self.done >= self.total):
+      self.last = now
+      self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
+      self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+class _Writer:
+  """Writes predictions into `output` in format `fmt`; refuses two images of the same name."""
+
+  def __init__(self, output: str, fmt: str, num_classes: int):
+    if fmt not in FORMATS:
+      raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    self.output, self.fmt, self.num_classes = output, fmt, num_classes
+    self.sources = {}
+    try:
+      os.makedirs(output, exist_ok=True)
+    except OSError as e:
+      raise PredictInputError(f"cannot create the output folder {output}: {e}") from e
+
+  def __call__(self, file_name, pred, image=None) -> str:
+    name = output_name(file_name)
+    if name in self.sources:
+      raise PredictInputError(
+          f"two images would write the same prediction {name}: {self.sources[name]} and "
+          f"{file_name!s}; predict them in separate calls (different --output)")
+    self.sources[name] = file_name
+    path = os.path.join(self.output, name)
+    try:
+      write_png(path, render(pred, self.fmt, self.num_classes, image=image))
+    except OSError as e:
+      raise PredictInputError(f"cannot write {path}: {e}") from e
+    return path
+
+
+def _resize_rgb(image: np.ndarray, size) -> np.ndarray:
+  """(H, W, 3) uint8 -> size (h, w) with PIL bilinear (pictures only)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def predict_eval_set(config, replicated, writer: _Writer, *, progress: bool = True) -> int:
+  """Predicts this process's share of `config.eval` at the label size; returns images written.
+
+  Runs the evaluation's own batches and eval step (`evaluation.eval_outputs`), so the files hold
+  exactly the predictions that `python -m udajax.evaluate` scores.
+  """
+  import jax
+  from udajax import evaluation
+  from udajax import images as images_lib
+  from udajax import input_pipeline
+  from udajax import train_step as ts
+  e = config.eval
+  n = input_pipeline.num_examples(e.name, e.builder_config, e.split, config.data_dir)
+  local = len(range(jax.process_index(), n, jax.process_count()))
+  bar = Progress(local, enabled=progress and jax.process_index() == 0)
+  written = 0
+  for batch, _, pred in evaluation.eval_outputs(config, ts.make_p_eval_step(config),
+                                                replicated["params"],
+                                                replicated.get("batch_stats", {})):
+    pred = np.asarray(pred)
+    pred = pred.reshape((-1,) + pred.shape[2:])
+    mask = np.asarray(batch["mask"]).reshape(-1)
+    names = np.asarray(batch["file_name"]).reshape(-1)
+    rgb = None
+    if writer.fmt == "overlay":
+      rgb = images_lib.denormalize(np.asarray(batch["image"]).reshape(
+          (-1,) + batch["image"].shape[2:]))
+    for i in np.flatnonzero(mask):
+      image = None if rgb is None else _resize_rgb(rgb[i], pred.shape[1:3])
+      writer(names[i], pred[i], image)
+      written += 1
+    bar.update(int(mask.sum()))
+  bar.close()
+  return written
+
+
+def list_images(pattern: str) -> list:
+  """The files matching `pattern` (a glob, `**` recursive), sorted; PredictInputError if none."""
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise PredictInputError(f"--images={pattern} matches no files")
+  return paths
+
+
+def read_image(path: str) -> np.ndarray:
+  """(H, W, 3) uint8 RGB of an image file; PredictInputError naming the file if unreadable."""
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise PredictInputError(f"cannot read image {path}: {e}") from e
+
+
+def _image_size(path: str):
+  """(H, W) from the file header (cheap); PredictInputError naming the file if unreadable."""
+  try:
+    with Image.open(path) as im:
+      return im.size[1], im.size[0]
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise PredictInputError(f"cannot read image {path}: {e}") from e
+
+
+def check_images(paths) -> dict:
+  """{path: (H, W)} from the file headers (cheap), before any computation: PredictInputError
+  naming an unreadable file, or two files that would write the same prediction name."""
+  sizes = {p: _image_size(p) for p in paths}
+  seen = {}
+  for p in paths:
+    name = output_name(p)
+    if name in seen:
+      raise PredictInputError(f"{seen[name]} and {p} would both be written as {name}; predict "
+                              "them in separate calls (different --output)")
+    seen[name] = p
+  return sizes
+
+
+def predict_files(config, replicated, paths, writer: _Writer, *, progress: bool = True) -> int:
+  """Predicts image files (this process's share of `paths`), each at its own size.
+
+  Each image is resized (PIL bicubic, as the resized builder configs) to `config.eval.image_size`
+  for the network; the logits are upsampled (align corners) to the image's size before the
+  argmax (`evaluation.make_p_predict_step`). Images of one size are batched together over the
+  local devices (`config.eval.batch_size_per_device` each). Returns images written.
+  """
+  import jax
+  from udajax import evaluation
+  from udajax import images as images_lib
+  paths = paths[jax.process_index()::jax.process_count()]
+  sizes = check_images(paths)
+  groups = {}
+  for p in paths:
+    groups.setdefault(sizes[p], []).append(p)
+  h, w = tuple(config.eval.image_size)
+  num_devices = jax.local_device_count()
+  local_batch = num_devices * config.eval.batch_size_per_device
+  chunks = [(size, group[i:i + local_batch]) for size, group in groups.items()
+            for i in range(0, len(group), local_batch)]
+
+  def load(path):
+    """(the image as read, the network's input (h, w, 3) uint8)."""
+    original = read_image(path)
+    if original.shape[:2] == (h, w):
+      return original, original
+    return original, np.asarray(Image.fromarray(original).resize((w, h), Image.BICUBIC))
+
+  p_predict = evaluation.make_p_predict_step(config)
+  bar = Progress(len(paths), enabled=progress and jax.process_index() == 0)
+  written = 0
+  # Decoding and resizing (PIL releases the GIL) of the next batch overlap the current one.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    pending = [pool.submit(load, p) for p in chunks[0][1]] if chunks else []
+    for k, (size, chunk) in enumerate(chunks):
+      loaded = [f.result() for f in pending]
+      if k + 1 < len(chunks):
+        pending = [pool.submit(load, p) for p in chunks[k + 1][1]]
+      inputs = [x for _, x in loaded]
+      inputs += [inputs[-1]] * (local_batch - len(inputs))  # padding, not written
+      x = images_lib.normalize(np.stack(inputs)).reshape((num_devices, -1, h, w, 3))
+      pred = np.asarray(p_predict(replicated["params"], replicated.get("batch_stats", {}), x,
+                                  tuple(size)))
+      pred = pred.reshape((-1,) + pred.shape[2:])
+      for i, (path, (original, _)) in enumerate(zip(chunk, loaded)):
+        writer(path, pred[i], original if writer.fmt == "overlay" else None)
+        written += 1
+      bar.update(len(chunk))
+  bar.close()
+  return written
+
+
+def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color", *,
+                       images: Optional[str] = None, which: str = "best",
+                       progress: bool = True) -> dict:
+  """Writes the predictions of `checkpoint` (see the module docstring) into `output`.
+
+  Args:
+    config: the run's config (model, `num_classes`, `eval.*`).
+    checkpoint: a udajax work directory or a converted checkpoint directory.
+    output: folder for the PNG files (created).
+    fmt: one of FORMATS.
+    images: a glob of image files; None predicts the eval set of `config.eval`.
+    which: "best" or "latest" checkpoint of a work directory.
+    progress: show the progress bar on stderr.
+  Returns:
+    {"num_images": files written by this process, "step": the checkpoint's step or None,
+     "output": the folder}.
+  """
+  if fmt not in FORMATS:
+    raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+  # Bad image files fail within a second, before jax and TensorFlow are even imported.
+  paths = list_images(images) if images else None
+  if paths is not None:
+    check_images(paths)
+  import flax
+  from udajax import configuration
+  from udajax import data
+  from udajax import evaluation
+  configuration.validate_config(config)
+  if paths is None:
+    data.prepare_datasets(config, training=False)
+  variables, step = evaluation.load_checkpoint_variables(config, checkpoint, which)
+  replicated = flax.jax_utils.replicate(variables)
+  writer = _Writer(os.path.abspath(os.path.expanduser(output)), fmt, config.num_classes)
+  if paths is None:
+    n = predict_eval_set(config, replicated, writer, progress=progress)
+  else:
+    n = predict_files(config, replicated, paths, writer, progress=progress)
+  return {"num_images": n, "step": step, "output": writer.output}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A udajax workdir or a directory written by "
+                      "data_prep/convert_torch_checkpoint.py.")
+  flags.DEFINE_string("output", None, "Folder for the prediction PNGs (created).")
+  flags.DEFINE_enum("format", "color", list(FORMATS),
+                    "cityscapes: label ids for the official evaluator / benchmark server; "
+                    "trainid: train ids 0..18; color: Cityscapes palette; overlay: palette over "
+                    "the image.")
+  flags.DEFINE_string("images", None, "Glob of image files to predict (quote it; ** recurses). "
+                      "Default: the config's eval set.")
+  flags.DEFINE_enum("which", "best", ["best", "latest"],
+                    "From a workdir: its best checkpoint by eval score or its latest.")
+  flags.mark_flags_as_required(["config", "checkpoint", "output"])
+
+
+def parse_flags(argv):
+  """absl flag parsing for `python -m udajax.predict` / `udajax.evaluate`: a bad flag, override or
+  config file is one `error: ...` line (exit status 2) instead of absl's usage dump."""
+  from absl import flags
+  try:
+    args = flags.FLAGS(argv)
+    flags.FLAGS["config"].value.keys()  # ml_collections defers a config file's load error
+  except Exception as e:  # absl / ml_collections raise several types (AttributeError, KeyError...)
+    cause = e.__cause__ or e
+    text = " ".join(str(cause).replace("\\n", " ").split())
+    print(f"error: bad command line ({type(cause).__name__}): {text}; see --help", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+  return args
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  try:
+    result = predict_checkpoint(f.config, f.checkpoint, f.output, f.format, images=f.images,
+                                which=f.which, progress=True)
+  except errors.USER_ERRORS as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line
+    sys.exit(2)
+  step = "" if result["step"] is None else f" (step {result['step']})"
+  print(f"{result['num_images']} predictions ({f.format}) of {f.checkpoint}{step} written to "
+        f"{result['output']}", flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main, flags_parser=parse_flags)
