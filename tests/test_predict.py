@@ -13,6 +13,7 @@ from PIL import Image
 from tests import train_cli
 from udajax import labels
 from udajax import predict
+from udajax import prediction_formats as formats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,76 +28,76 @@ TRAIN_IDS_16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
 
 def test_label_ids_19_and_16_classes():
   pred = np.arange(19).reshape(1, 19)
-  np.testing.assert_array_equal(predict.to_label_ids(pred, 19), [LABEL_ID_OF_TRAIN_ID])
-  np.testing.assert_array_equal(predict.to_train_ids(pred, 19), pred)
+  np.testing.assert_array_equal(formats.to_label_ids(pred, 19), [LABEL_ID_OF_TRAIN_ID])
+  np.testing.assert_array_equal(formats.to_train_ids(pred, 19), pred)
   pred16 = np.arange(16).reshape(4, 4)
   expected_train = np.array(TRAIN_IDS_16).reshape(4, 4)
-  np.testing.assert_array_equal(predict.to_train_ids(pred16, 16), expected_train)
-  np.testing.assert_array_equal(predict.to_label_ids(pred16, 16),
+  np.testing.assert_array_equal(formats.to_train_ids(pred16, 16), expected_train)
+  np.testing.assert_array_equal(formats.to_label_ids(pred16, 16),
                                 np.array(LABEL_ID_OF_TRAIN_ID)[expected_train])
   # A 16-class model never writes terrain (22), truck (27) or train (31).
-  assert not set(predict.to_label_ids(pred16, 16).ravel()) & {22, 27, 31}
-  assert predict.to_label_ids(pred16, 16).dtype == np.uint8
+  assert not set(formats.to_label_ids(pred16, 16).ravel()) & {22, 27, 31}
+  assert formats.to_label_ids(pred16, 16).dtype == np.uint8
   with pytest.raises(ValueError, match=r"\[0, 16\)"):
-    predict.to_label_ids(np.array([[16]]), 16)
+    formats.to_label_ids(np.array([[16]]), 16)
   with pytest.raises(ValueError, match="19 or 16"):
-    predict.to_label_ids(np.array([[0]]), 13)
+    formats.to_label_ids(np.array([[0]]), 13)
 
 
 def test_color_and_overlay():
   pred = np.array([[0, 10], [13, 18]])  # road, sky, car, bicycle
-  color = predict.to_color(pred, 19)
+  color = formats.to_color(pred, 19)
   assert color.dtype == np.uint8 and color.shape == (2, 2, 3)
   np.testing.assert_array_equal(color, [[(128, 64, 128), (70, 130, 180)],
                                         [(0, 0, 142), (119, 11, 32)]])
   # 16 classes: index 9 is sky, 13 bus, 15 bicycle.
-  np.testing.assert_array_equal(predict.to_color(np.array([[9, 13, 15]]), 16),
+  np.testing.assert_array_equal(formats.to_color(np.array([[9, 13, 15]]), 16),
                                 [[(70, 130, 180), (0, 60, 100), (119, 11, 32)]])
   image = np.array([[(100, 0, 255), (1, 2, 3)], [(255, 255, 255), (0, 0, 0)]], np.uint8)
-  blend = predict.overlay(image, pred, 19)
+  blend = formats.overlay(image, pred, 19)
   # round(0.5 * image + 0.5 * colour), halves rounded to even as numpy does.
   np.testing.assert_array_equal(blend, [[(114, 32, 192), (36, 66, 92)],
                                         [(128, 128, 198), (60, 6, 16)]])
-  np.testing.assert_array_equal(predict.overlay(image, pred, 19, alpha=1.0), color)
-  np.testing.assert_array_equal(predict.overlay(image, pred, 19, alpha=0.0), image)
+  np.testing.assert_array_equal(formats.overlay(image, pred, 19, alpha=1.0), color)
+  np.testing.assert_array_equal(formats.overlay(image, pred, 19, alpha=0.0), image)
   with pytest.raises(ValueError, match="sizes differ"):
-    predict.overlay(image[:1], pred, 19)
+    formats.overlay(image[:1], pred, 19)
 
 
 def test_render_formats():
   pred = np.array([[0, 1, 2], [16, 17, 18]])
   image = np.full((2, 3, 3), 50, np.uint8)
-  out = {fmt: predict.render(pred, fmt, 19, image=image) for fmt in predict.FORMATS}
+  out = {fmt: formats.render(pred, fmt, 19, image=image) for fmt in formats.FORMATS}
   np.testing.assert_array_equal(out["cityscapes"], [[7, 8, 11], [31, 32, 33]])
   np.testing.assert_array_equal(out["trainid"], pred)
   assert out["color"].shape == (2, 3, 3) and out["overlay"].shape == (2, 3, 3)
   with pytest.raises(ValueError, match="overlay format needs the image"):
-    predict.render(pred, "overlay", 19)
+    formats.render(pred, "overlay", 19)
   with pytest.raises(ValueError, match="unknown format"):
-    predict.render(pred, "labelids", 19)
+    formats.render(pred, "labelids", 19)
 
 
 def test_output_names_match_the_official_evaluator():
   from cityscapesscripts.helpers import csHelpers
-  name = predict.output_name(b"leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png")
+  name = formats.output_name(b"leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png")
   assert name == "frankfurt_000000_000294_leftImg8bit.png"
   info = csHelpers.getCsFileInfo(name)
   assert (info.city, info.sequenceNb, info.frameNb) == ("frankfurt", "000000", "000294")
-  assert predict.output_name("images/00017.png") == "00017.png"
-  assert predict.output_name("/data/video/frame 0001.jpg") == "frame 0001.png"
-  assert predict.output_name("target/validation/00002.png") == "00002.png"
+  assert formats.output_name("images/00017.png") == "00017.png"
+  assert formats.output_name("/data/video/frame 0001.jpg") == "frame 0001.png"
+  assert formats.output_name("target/validation/00002.png") == "00002.png"
   with pytest.raises(predict.PredictInputError):
-    predict.output_name("folder/")
+    formats.output_name("folder/")
 
 
 def test_write_png_round_trip(tmp_path):
   ids = np.array([[7, 8], [33, 0]], np.uint8)
-  predict.write_png(str(tmp_path / "a.png"), ids)
+  formats.write_png(str(tmp_path / "a.png"), ids)
   with Image.open(tmp_path / "a.png") as im:
     assert im.mode == "L"
     np.testing.assert_array_equal(np.asarray(im), ids)
   rgb = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-  predict.write_png(str(tmp_path / "b.png"), rgb)
+  formats.write_png(str(tmp_path / "b.png"), rgb)
   with Image.open(tmp_path / "b.png") as im:
     assert im.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(im), rgb)

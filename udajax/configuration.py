@@ -139,15 +139,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         v = v[k]
       raise ConfigError(f"config key '{key}' = {v!r}: {why}")
 
-  need(config.num_classes in (19, 16), "num_classes", "must be 19 (GTA5/Cityscapes) or 16 (SYNTHIA)")
+  need(config.num_classes in (19, 16), "num_classes",
+       "must be 19 (GTA5/Cityscapes) or 16 (SYNTHIA)")
   need(config.model.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}")
   need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
   need(len(config.model.stage_blocks) == 4 and all(b >= 1 for b in config.model.stage_blocks),
        "model.stage_blocks", "must be 4 positive block counts")
   need(config.model.base_width >= 1 and config.model.vgg_width >= 1, "model.base_width",
        "widths must be positive")
-  need(set(config.model.aspp_dilations) <= {6, 12, 18, 24} and len(config.model.aspp_dilations) >= 1,
-       "model.aspp_dilations", "must be a non-empty subset of (6, 12, 18, 24)")
+  dilations = config.model.aspp_dilations
+  need(set(dilations) <= {6, 12, 18, 24} and len(dilations) >= 1, "model.aspp_dilations",
+       "must be a non-empty subset of (6, 12, 18, 24)")
   for key in ("source.image_size", "target.image_size", "eval.image_size"):
     _size(config, key)
   if tuple(config.eval.label_size):
@@ -166,13 +168,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.eval.every_steps >= 1, "eval.every_steps", "must be >= 1")
   need(t.on_nan in ON_NAN, "train.on_nan", f"must be one of {ON_NAN}")
   need(t.warmup_source_only_steps >= 0, "train.warmup_source_only_steps", "must be >= 0")
-  l = config.loss
+  loss = config.loss
   for key in ("lambda_cl", "lambda_or", "lambda_sp", "lambda_em"):
-    need(l[key] >= 0, f"loss.{key}", "loss weights must be >= 0 (0 removes the term)")
-  need(0 <= l.iw_ratio <= 1, "loss.iw_ratio", "must be in [0, 1]")
-  need(l.cluster_norm_order in (1, 2), "loss.cluster_norm_order", "must be 1 or 2")
-  need(l.ortho_temperature > 0, "loss.ortho_temperature", "must be positive")
-  need(l.source_assignment in SOURCE_ASSIGNMENTS, "loss.source_assignment",
+    need(loss[key] >= 0, f"loss.{key}", "loss weights must be >= 0 (0 removes the term)")
+  need(0 <= loss.iw_ratio <= 1, "loss.iw_ratio", "must be in [0, 1]")
+  need(loss.cluster_norm_order in (1, 2), "loss.cluster_norm_order", "must be 1 or 2")
+  need(loss.ortho_temperature > 0, "loss.ortho_temperature", "must be positive")
+  need(loss.source_assignment in SOURCE_ASSIGNMENTS, "loss.source_assignment",
        f"must be one of {SOURCE_ASSIGNMENTS}")
-  need(l.centroid_smoothing < 0 or l.centroid_smoothing <= 1, "loss.centroid_smoothing",
+  need(loss.centroid_smoothing < 0 or loss.centroid_smoothing <= 1, "loss.centroid_smoothing",
        "must be < 0 (off) or in [0, 1]")
