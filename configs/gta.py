@@ -8,7 +8,7 @@ source-only model as `init_checkpoint`: either the workdir of `configs/gta_sourc
 converted PyTorch checkpoint (`python data_prep/convert_torch_checkpoint.py --input=X.pth
 --output=pretrained/gta5_source_r101`).
 Expect (paper, Cityscapes val): 45.9 mIoU (45.3 without EM: --config.loss.lambda_em=0).
-~24,750 steps at batch 1 per domain; one step takes ~1.3 GB of activations per image pair.
+~24,750 steps at batch 1 per domain (one source and one target image per step).
 """
 
 from udajax import configuration

@@ -1,4 +1,4 @@
-"""GTA5 source-only pretraining, DeepLab-v2 VGG-16.
+r"""GTA5 source-only pretraining, DeepLab-v2 VGG-16.
 
     python train.py --config=configs/gta_vgg_source.py --workdir=runs/gta_vgg_source
 

@@ -1,99 +1,23 @@
 """Losses of the paper: source cross-entropy, feature regularisation, IW max-square.
 
-Everything here is a pure jax function with static shapes: class membership is expressed with
-one-hot matrices and masked reductions (segment sums as one-hot matmuls), never with a Python
-loop over classes or a boolean-mask gather, so each loss jits once and runs on accelerators.
-Only jax and numpy are needed.
+* `cross_entropy`: mean over the labelled pixels.
+* `feature_regularization`: clustering (`f_dist_source`, `f_dist_target`, `c_dist`),
+  orthogonality (`ortho_loss`) and sparsity (`sparse_loss`) on the encoder features, with
+  optional centroid smoothing (`CentroidState`).
+* `iw_max_square_loss`: the image-wise weighted max-square entropy term ("EM").
+* `global_sum`, `use_locally`: cross-device sums for losses over the global batch.
 
-Shapes: features `(B, h, w, F)`, probabilities `(B, H, W, C)` (softmax of the logits upsampled to
-the input size), logits `(B, H, W, C)`, labels `(B, H, W)` int where any value outside [0, C) is
-ignored (255 in our label maps).
+Shapes: features `(B, h, w, F)`, probabilities `(B, H, W, C)` (softmax of the logits at the
+input size), logits `(B, H, W, C)`, labels `(B, H, W)` int where any value outside [0, C) is
+ignored (255 in the label maps). Pure jax with static shapes (one-hot matrices instead of loops
+over classes), so every loss jits once. Needs jax only (no TensorFlow).
 
-Feature regularisation (SPEC "Losses"; the reference is the authors' PyTorch loss module, whose
-behaviour the paper's numbers come from, and which this module follows where it and the paper
-differ):
+With `axis_name` (inside `jax.pmap`) every loss is a global-batch loss, and each device's
+gradient w.r.t. its own inputs is its slice of the single-device gradient: parameter gradients
+must be summed (`psum`, not `pmean`) over devices.
 
-* Assignments. "bilinear": probabilities downsampled to (h, w) with align_corners bilinear,
-  then argmax; "nearest": argmax at full size, then PyTorch-nearest downsampling (we pick the
-  nearest pixels first and take their argmax, which is the same thing, computed on fewer pixels).
-  With `source_labels` the source assignments of both passes come from the labels (nearest
-  downsampling; ignored labels belong to no class). Assignments carry no gradient, so the
-  feature-regularisation terms have zero gradient w.r.t. the probabilities.
-* Centroids c_j: mean of all source and target features assigned to j (gradients flow through
-  the centroids into the features, as in the reference).
-* d(X) = ||X||_p / numel(X), the entrywise p-norm of a whole matrix.
-  f_dist_<domain> = mean over classes j with features of that domain of d(c_j - F_j) (F_j: the
-  (N_j, F) features of j in that domain); c_dist = mean over the K present classes i of
-  d(c_i - C_{-i}), C_{-i} the (K - 1, F) matrix of the other present centroids.
-  Computed as per-position sums of |c_a(n) - x_n|^p, segment-summed per class, then the p-th
-  root. The root is "safe": at a zero sum its value and gradient are 0, like `torch.norm`'s
-  (a plain sqrt would give NaN gradients). |x| is differentiated as sign(x) (0 at 0), as
-  torch.norm does for p = 1 (`jnp.abs` would give 1 at 0).
-* The orthogonality and sparsity terms use centroids recomputed from the "nearest"
-  assignments. ortho_loss = -mean over (all source and target positions x K present classes)
-  of p log p, p = softmax over the present classes of <x, c_j> / temperature; every feature
-  position takes part, also source positions whose label is ignored. sparse_loss =
-  -mean over (K present classes x F) of (c_j / max_f c_jf - rho)^power; like the reference,
-  the power is int(power), and when `power` is not an even number the absolute value is taken.
-  The max's gradient goes to the first maximal entry (torch.max routes it to one entry too).
-
-Degenerate cases where the reference returns NaN, inf or raises (SPEC item 5) are finite here:
-fewer than two present classes -> c_dist = 0; a domain with no assigned feature (e.g. every
-source label ignored) -> its f_dist = 0; no present class at all -> ortho_loss = sparse_loss
-= 0; a centroid whose maximum is exactly 0 (possible with ReLU features) is divided by 1 in
-the sparsity term instead of 0 (reference: NaN). With centroid smoothing at alpha = 0 or 1 the
-reference turns never-seen centroids into NaN (0 * inf) and c_dist into NaN; here they are
-simply absent.
-
-Centroid smoothing (reference `--centroid_smoothing`, SPEC item 7). The reference keeps one
-running centroid matrix and smooths *both* centroid sets with it, in order: first the
-"bilinear" centroids (used by the clustering terms) against the running matrix, which then
-becomes the smoothed bilinear centroids; then the "nearest" centroids (orthogonality and
-sparsity) against that, which becomes the running matrix for the next step. We do the same with
-`CentroidState(centroids (C, F), seen (C,) bool)`. For one update with current centroids c,
-present mask m and previous state (c_prev, seen):
-  c_prev' = c_prev where seen else c (no gradient);  c' = c where m else c_prev'
-  smoothed = alpha * c' + (1 - alpha) * stop_gradient(c_prev'),  seen_new = seen | m.
-So a present class gets alpha * c + (1 - alpha) * c_prev (its value is c the first time it is
-seen; its gradient is alpha times the unsmoothed one, as in the reference), an absent class
-keeps its previous centroid (no gradient), and every class seen at some step counts as present
-for c_dist, ortho and sparse (f_dist still needs features of the class in that domain). The
-returned state carries no gradient.
-
-Multi-device (`axis_name`, inside `jax.pmap`): every sum and count is summed over the named
-axis, so N devices x B images give the same losses as 1 device x N*B images. About gradients:
-jax 0.10.2 implements `jax.pmap` on top of `shard_map(..., check_vma=False)`, where the
-transpose of `psum` is again a `psum`; we checked empirically (tests/test_losses_pmap.py) that
-differentiating `psum(sum(x**2))` on 4 devices gives 4 * 2x, i.e. autodiff through a plain psum
-multiplies gradients by the number of devices. So cross-device data flow goes through two
-`custom_vjp` helpers, the pair that shard_map's typed collectives would use:
-  * `global_sum`: forward `psum`, backward identity. Every device then holds the same global
-    value and, downstream, computes the same loss; the cotangent of the global sum is the same
-    on every device and each device passes it to its own summands.
-  * `use_locally`: forward identity, backward `psum`. Used where a global value (the centroids)
-    enters per-device terms (feature-to-centroid distances, feature-centroid similarities):
-    each device only holds its positions' share of the gradient w.r.t. the centroids, and
-    the psum completes it before it flows back through the centroid means.
-With these, each device's gradient w.r.t. its *local* inputs (features, probabilities, logits)
-is exactly its slice of the single-device gradient of the global loss, with no factor N.
-Consequently the trainer must **psum** (not pmean) the per-device parameter gradients to
-obtain the gradient of the global loss. The tests check `pmap(grad)` on 4 devices x 1 image
-against `grad` on 1 device x 4 images, slice by slice, and the psum of per-device parameter
-gradients of a small model against its single-device gradient.
-
-IW max-square (MaxSquare, ICCV 2019, as in the reference): for each image b, hist_b[j] = number
-of pixels whose argmax is j, w_b[j] = 1 / max(hist_b[j]^ratio * (sum_j hist_b[j])^(1 - ratio), 1)
-(no gradient), loss = -sum_{b, pixels, j} w_b[argmax] p_j^2 / (B * C), B the global batch. The
-reference multiplies a (B, C, H, W) tensor by (B, H, W) weights, which is only right for B = 1
-(the batch size it trains with); we follow the formula for any B.
-
-Cross-entropy: mean over non-ignored pixels (global over devices); 0 when every pixel is
-ignored (reference: NaN).
-
-Checked (float64, values and gradients w.r.t. both feature maps) against the authors' loss
-module itself on random inputs with absent classes, norm orders 1 and 2, with and without source
-labels, and with smoothing over several steps: relative differences <= 1e-14 (a one-off check;
-the test suite compares against our own loop-over-classes transcription, tests/loss_reference.py).
+Formulas, gradient conventions, the degenerate cases that return finite values instead of NaN,
+and how this module is tested: docs/LOSSES.md.
 """
 
 import functools
@@ -169,7 +93,7 @@ def global_sum(tree, axis_name=None):
 
   The result is the same on every device. The backward pass is the identity: when everything
   downstream is computed identically on every device, each device's gradient w.r.t. its local
-  summands is its slice of the single-device gradient (see the module docstring).
+  summands is its slice of the single-device gradient (docs/LOSSES.md).
   """
   if axis_name is None:
     return tree
@@ -294,7 +218,7 @@ def _centroids(feats, onehots, axis_name):
 
 
 def _smooth(centroids, present, state: CentroidState, alpha: float):
-  """One smoothing update (module docstring). Returns (centroids, present, new state)."""
+  """One smoothing update (docs/LOSSES.md). Returns (centroids, present, new state)."""
   prev = jax.lax.stop_gradient(
       jnp.where(state.seen[:, None], state.centroids, centroids))
   current = jnp.where(present[:, None], centroids, prev)
@@ -375,7 +299,7 @@ def feature_regularization(source_feat, source_prob, target_feat, target_prob, *
                            cluster_norm_order=1, ortho_temperature=1.0, sparsity_rho=0.5,
                            sparsity_power=2.0, source_labels=None, axis_name=None,
                            centroid_smoothing=None, centroid_state=None):
-  """Clustering, orthogonality and sparsity terms on the encoder features (SPEC items 1-7).
+  """Clustering, orthogonality and sparsity terms on the encoder features (docs/LOSSES.md).
 
   Args:
     source_feat: (Bs, hs, ws, F) source features (gradients flow into them).
