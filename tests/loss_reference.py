@@ -1,6 +1,6 @@
-"""A plain loop-over-classes transcription of SPEC "Losses" in torch, for tests only.
+"""A plain loop-over-classes transcription of the losses in torch, for tests only.
 
-Written from the formulas in SPEC.md (not from the authors' code): boolean masks, Python loops
+Written from the formulas in docs/LOSSES.md (not from the authors' code): boolean masks, Python loops
 over classes and `torch.norm`, i.e. the straightforward way, so that udajax.losses (one-hot,
 masked, jit-friendly) can be checked against it, values and gradients. Inputs are NHWC like
 udajax; computations run in the dtype of the inputs (tests use float64).
@@ -41,7 +41,7 @@ def centroids_of(src_x, src_a, tgt_x, tgt_a, num_classes):
 
 
 def smooth(current, state, alpha):
-  """SPEC item 7 on lists: c <- alpha c + (1 - alpha) c_prev; absent classes keep c_prev.
+  """Centroid smoothing on lists: c <- alpha c + (1 - alpha) c_prev; absent classes keep c_prev.
 
   state: list of previous centroids (None = never seen). Returns (smoothed list, new state).
   """

@@ -1,6 +1,6 @@
 """Independent PyTorch DeepLab-v2 (ResNet / VGG-16) used only by tests as ground truth.
 
-Written from SPEC.md's description of the reference architecture, with the reference's state-dict
+Written from the description of the reference architecture in docs/MODEL.md, with the reference's state-dict
 key layout so its `state_dict()` can be saved in every layout the converter reads:
   ResNet: conv1, bn1, layer{1..4}.{j}.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1},
           layer5.conv2d_list.{k} (stage-3 head, never used), layer6.conv2d_list.{k} (the head).
