@@ -1,7 +1,7 @@
 """A plain loop-over-classes transcription of the losses in torch, for tests only.
 
-Written from the formulas in docs/LOSSES.md (not from the authors' code): boolean masks, Python loops
-over classes and `torch.norm`, i.e. the straightforward way, so that udajax.losses (one-hot,
+Written from the formulas in docs/LOSSES.md (not from the authors' code): boolean masks, Python
+loops over classes and `torch.norm`, i.e. the straightforward way, so that udajax.losses (one-hot,
 masked, jit-friendly) can be checked against it, values and gradients. Inputs are NHWC like
 udajax; computations run in the dtype of the inputs (tests use float64).
 """

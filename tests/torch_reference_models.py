@@ -1,7 +1,8 @@
 """Independent PyTorch DeepLab-v2 (ResNet / VGG-16) used only by tests as ground truth.
 
-Written from the description of the reference architecture in docs/MODEL.md, with the reference's state-dict
-key layout so its `state_dict()` can be saved in every layout the converter reads:
+Written from the description of the reference architecture in docs/MODEL.md, with the
+reference's state-dict key layout so its `state_dict()` can be saved in every layout the
+converter reads:
   ResNet: conv1, bn1, layer{1..4}.{j}.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1},
           layer5.conv2d_list.{k} (stage-3 head, never used), layer6.conv2d_list.{k} (the head).
   VGG (reference layout): features.{0,2,5,7,10,12,14,17,19,21,23,25,27} convs, features.29 fc6,
