@@ -147,7 +147,8 @@ def initial_state(config, manager) -> ts.TrainState:
   abstract = jax.eval_shape(
       lambda: ts.create_train_state(config, ts.init_variables(config, init_rng), state_rng))
   state = checkpoints.restore_state(manager, latest, abstract)
-  logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
+  workdir = os.path.dirname(str(manager.directory))
+  logging.info("Resumed from %s at step %d", workdir, int(state.step))
   return state
 
 
