@@ -139,6 +139,11 @@ def _enable_compilation_cache(workdir: str) -> None:
     path = os.path.join(workdir, "compilation_cache")
   if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    # Seen on CPU clusters: a process that hits the cache reaches the first cross-process (gloo)
+    # collective more than gloo's 30 s deadline before one that compiles, and aborts.
+    logging.info("compilation cache off: multi-process CPU run")
+    return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

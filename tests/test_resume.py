@@ -68,7 +68,7 @@ def test_sigkill_sigterm_and_unfinished_checkpoints_resume_exactly(demo_data_dir
   assert m, log_b[-3000:]
   s = int(m.group(1))
   assert k + 2 <= s < num_steps and train_cli.complete_steps(work)[-1] == s
-  assert latency < 60
+  assert latency < 10  # a scheduler's SIGKILL typically follows SIGTERM after 30 s
   print(f"SIGTERM -> exit 0 in {latency:.2f} s (stopped at step {s})")
   names = os.listdir(ckpts)
   assert any(n.startswith(f"{k + 1}.incomplete") for n in names), names  # moved aside, kept
