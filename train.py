@@ -61,6 +61,9 @@ def _flag_error(argv, e) -> str:
                 f"known keys of {where}: {', '.join(sorted(known))}")
       node, done = node[key], done + [key]
   text = " ".join(str(e).replace("\\n", " ").split())
+  if "cannot be added since the config is locked" in text:  # a typo inside the config file
+    files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    return f"cannot load config file {files[0] if files else '?'} ({type(e).__name__}): {text}"
   return f"bad command line ({type(e).__name__}): {text}; see python train.py --help"
 
 

@@ -206,3 +206,16 @@ def test_convert_a_missing_file(tmp_path):
                     timeout=120)
   assert r.returncode == 2
   assert "nope.pth does not exist" in _one_error_line(r.stderr)
+
+
+def test_typo_in_a_config_file(tmp_path):
+  """Config files start from the locked base config: a misspelt key fails at load, named."""
+  path = tmp_path / "typo.py"
+  path.write_text("from configs import demo\n\n\ndef get_config():\n  c = demo.get_config()\n"
+                  "  c.train.lrr = 1e-3\n  return c\n")
+  r = train_cli.run([sys.executable, "train.py", f"--config={path}", f"--workdir={tmp_path / 'w'}"],
+                    timeout=120)
+  assert r.returncode == 2
+  line = _one_error_line(r.stderr)
+  assert f"cannot load config file {path}" in line and '"lrr" does not exist' in line, line
+  assert 'Did you mean "lr"' in line, line
