@@ -28,8 +28,9 @@ PAPER = {
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_settings(name):
   c = importlib.import_module(f"configs.{name}").get_config()
-  l = c.loss
-  assert (l.lambda_cl, l.lambda_or, l.lambda_sp, l.lambda_em, l.iw_ratio, c.num_classes,
+  loss = c.loss
+  assert (loss.lambda_cl, loss.lambda_or, loss.lambda_sp, loss.lambda_em, loss.iw_ratio,
+          c.num_classes,
           tuple(c.source.image_size), c.model.backbone) == PAPER[name]
   assert tuple(c.target.image_size) == (512, 1024)
   assert c.train.lr == 2.5e-4 and c.train.momentum == 0.9 and c.train.weight_decay == 5e-4
@@ -45,9 +46,11 @@ def test_paper_settings(name):
     ("gta_vgg_source", "vgg16", 19), ("synthia_vgg_source", "vgg16", 16)])
 def test_source_only_configs(name, backbone, classes):
   c = importlib.import_module(f"configs.{name}").get_config()
-  assert c.train.mode == "source_only" and c.train.num_steps == 200_000 and c.train.stop_step == 80_000
+  assert c.train.mode == "source_only"
+  assert c.train.num_steps == 200_000 and c.train.stop_step == 80_000
   assert c.model.backbone == backbone and c.num_classes == classes
-  assert c.init_checkpoint.endswith("vgg16_imagenet" if backbone == "vgg16" else "deeplab_r101_imagenet")
+  init = "vgg16_imagenet" if backbone == "vgg16" else "deeplab_r101_imagenet"
+  assert c.init_checkpoint.endswith(init)
 
 
 def test_unknown_key_is_named():

@@ -13,6 +13,7 @@ import torch
 
 from data_prep.convert_torch_checkpoint import convert_checkpoint, convert_state_dict
 from tests import torch_reference_models as tref
+from udajax import images as images_lib
 from udajax import models
 from udajax.models import DeepLabV2
 
@@ -55,15 +56,13 @@ def test_max_pool_ceil_matches_torch(size):
 
 def test_normalize_images():
   rgb = np.random.RandomState(0).randint(0, 256, (2, 5, 7, 3)).astype(np.uint8)
-  out = models.normalize_images(rgb)
+  out = images_lib.normalize(rgb)
   assert isinstance(out, np.ndarray) and out.dtype == np.float32
   expected = rgb[..., ::-1].astype(np.float32) - np.array(
       [104.00698793, 116.66876762, 122.67891434], np.float32)
   np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
-  out_j = models.normalize_images(jnp.asarray(rgb))
-  assert isinstance(out_j, jax.Array)
-  np.testing.assert_allclose(np.asarray(out_j), expected, rtol=0, atol=1e-5)
-  np.testing.assert_allclose(models.IMAGE_MEAN_BGR, [104.00698793, 116.66876762, 122.67891434])
+  np.testing.assert_array_equal(images_lib.denormalize(out), rgb)
+  np.testing.assert_allclose(images_lib.IMAGE_MEAN_BGR, [104.00698793, 116.66876762, 122.67891434])
 
 
 def test_batchnorm_matches_torch_train_and_eval():
@@ -210,7 +209,8 @@ def test_resnet101_full_depth_matches_torch(resnet101_pair):
                                   "resnet101")
   flat_ours = dict(jax.tree_util.tree_leaves_with_path(state["batch_stats"]))
   flat_ref = dict(jax.tree_util.tree_leaves_with_path(updated["batch_stats"]))
-  assert flat_ours.keys() == flat_ref.keys() and len(flat_ours) == 2 * 104  # stem + 33·3 + 4 projections
+  # stem + 33·3 + 4 projections
+  assert flat_ours.keys() == flat_ref.keys() and len(flat_ours) == 2 * 104
   errs["running_stats"] = max(relerr(flat_ours[k], flat_ref[k]) for k in flat_ref)
   # The initial statistics were random, so a non-update would show up clearly.
   assert relerr(state["batch_stats"]["backbone"]["bn1"]["var"],

@@ -32,23 +32,7 @@ import numpy as np
 
 from udajax.ops import resize_bilinear_align_corners
 
-# Mean of the reference's "numpy transform", in B, G, R order (pixel values 0..255).
-IMAGE_MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
-
 BACKBONES = ("resnet101", "vgg16")
-
-
-def normalize_images(images_uint8_rgb):
-  """RGB uint8 images (..., H, W, 3) → float32 BGR with the mean subtracted, no scaling.
-
-  numpy in → numpy out (usable in input pipelines); anything else goes through jax.numpy.
-  """
-  xp = np if isinstance(images_uint8_rgb, np.ndarray) else jnp
-  x = xp.asarray(images_uint8_rgb)
-  if x.shape[-1] != 3:
-    raise ValueError(f"normalize_images expects (..., H, W, 3) RGB images, got shape {x.shape}")
-  x = x.astype(xp.float32)[..., ::-1]
-  return x - xp.asarray(IMAGE_MEAN_BGR)
 
 
 def max_pool_ceil(x, window: int = 3, stride: int = 2, padding: int = 1):
@@ -166,7 +150,8 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     """x: (B, H, W, Cin) → (B, H', W', 4·width), H' = (H − 1) // stride + 1."""
-    bn = lambda name: BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
+    def bn(name):
+      return BatchNorm(dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
     d = self.dilation
     out = _conv(self.width, 1, stride=self.stride, dtype=self.dtype, name="conv1")(x)
     out = nn.relu(bn("bn1")(out, train))
@@ -183,6 +168,63 @@ class Bottleneck(nn.Module):
     return nn.relu(out + residual)
 
 
+_REMAT_VARS = ("params", "batch_stats")
+
+
+def checkpointed_call(module: nn.Module, unbound: nn.Module, x, train: bool):
+  """`module(x, train)` with its activations recomputed in the backward pass, not stored.
+
+  Only `x` (and the module's variables, which are stored anyway) are kept for the backward
+  pass; the backward pass re-runs the forward of `unbound` (an unbound module with the same
+  attributes as `module`) and takes its vjp. Unlike `nn.remat`/`jax.checkpoint`, the
+  recomputation is tied to the incoming cotangent with an optimisation barrier, so XLA cannot
+  schedule the recomputed activations of every block before the backward pass reaches them (it
+  does so on CPU, where `jax.checkpoint` then raises the peak memory instead of lowering it).
+  Gradients are those of the plain call (same operations, same order). Variables other than
+  `params` (e.g. BatchNorm statistics) are updated by the forward as usual.
+
+  Args:
+    module: a Module (not yet bound) to call as `module(x, train)`.
+    unbound: the same module constructed with `parent=None` (re-applied in the backward pass).
+    x: its input array.
+    train: passed through (static).
+  Returns:
+    module(x, train).
+  """
+
+  def fn(mdl, x):
+    return mdl(x, train)
+
+  def fwd(mdl, x):
+    # Residuals: the input and the variables before the call (stored anyway).
+    variables = {k: mdl.variables[k] for k in _REMAT_VARS if k in mdl.variables}
+    return mdl(x, train), (x, variables)
+
+  def bwd(res, g):
+    x, variables, g = jax.lax.optimization_barrier(res + (g,))
+    params = variables["params"]
+    # XLA's CPU compiler removes optimisation barriers before common-subexpression elimination,
+    # which would merge the recomputation back into the forward pass. A data dependence on the
+    # cotangent (x + 0·g[0], exact for finite g) keeps it here on every backend.
+    x = x + (jnp.zeros((), g.dtype) * g.reshape(-1)[0]).astype(x.dtype)
+
+    def pure(params, x):
+      # Statistics are created fresh (mutable) and discarded: only the output is needed.
+      y, _ = unbound.apply({"params": params}, x, train, mutable=True)
+      return y
+
+    _, vjp = jax.vjp(pure, params, x)
+    d_params, d_x = vjp(g)
+    # BN statistics are differentiable inputs here only so that they are not closed over (a
+    # closed-over traced value cannot enter a custom_vjp); nothing depends on them: zero.
+    d_vars = {k: jax.tree_util.tree_map(jnp.zeros_like, v) for k, v in variables.items()}
+    d_vars["params"] = d_params
+    return d_vars, d_x
+
+  return nn.custom_vjp(fn, forward_fn=fwd, backward_fn=bwd, grad_vars=list(_REMAT_VARS))(
+      module, x)
+
+
 class ResLayer(nn.Module):
   """One ResNet stage (`layerN`): `blocks` bottlenecks, the first with the projection shortcut."""
   width: int
@@ -195,13 +237,16 @@ class ResLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for j in range(self.blocks):
       # The reference projects on the first block of every stage (its _make_layer condition
       # holds for all four stages of DeepLab-v2).
-      x = block_cls(self.width, stride=self.stride if j == 0 else 1, dilation=self.dilation,
-                    downsample=(j == 0), dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                    name=f"block{j}")(x, train)
+      kw = dict(width=self.width, stride=self.stride if j == 0 else 1, dilation=self.dilation,
+                downsample=(j == 0), dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+      block = Bottleneck(**kw, name=f"block{j}")
+      if self.remat and not self.is_initializing():
+        x = checkpointed_call(block, Bottleneck(**kw, parent=None), x, train)
+      else:
+        x = block(x, train)
     return x
 
 
@@ -301,7 +346,8 @@ class DeepLabV2(nn.Module):
     aspp_dilations: ASPP branches; (6, 12) = reference behaviour, (6, 12, 18, 24) = all four.
     dtype: compute dtype (params and BN statistics stay float32; outputs are float32).
     bn_axis_name: pmap axis name for synchronised BatchNorm, or None.
-    remat: rematerialise ResNet bottlenecks (saves activation memory).
+    remat: recompute each ResNet bottleneck in the backward pass from its input instead of
+      storing its activations (`checkpointed_call`): same gradients, much lower peak memory.
 
   `apply(variables, images, train=...)`: images (B, H, W, 3) normalised float32 →
   `(logits (B, H, W, num_classes), features (B, h, w, F))`, both float32, h, w at stride 8.

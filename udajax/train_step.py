@@ -15,10 +15,8 @@ The steps are written for one device with named-axis collectives and are run und
 import functools
 from typing import Any, Callable, Dict
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
 
@@ -75,7 +73,8 @@ def init_variables(config, rng, image_size=(64, 64)):
 def feature_dim(config) -> int:
   model = create_model(config, axis_name=None)
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                             images)
   _, feats = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
   return feats.shape[-1]
 
@@ -111,17 +110,18 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, model,
-               schedule: Callable, axis_name=AXIS):
-  """One optimiser update on one device's share of the global batch.
+def loss_and_grads(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, axis_name=AXIS):
+  """All loss terms of one device's share of the global batch and this device's gradient.
 
   Args:
     state: the (replicated) TrainState.
     batch: "source_image" (B, Hs, Ws, 3), "source_label" (B, Hs, Ws) int32 and, in UDA mode,
       "target_image" (B, Ht, Wt, 3).
   Returns:
-    (new_state, metrics) where metrics holds every loss term (global values), the lr, and
-    "finite" (1.0, or 0.0 when the loss or a gradient was NaN/Inf and the update was not applied).
+    ((terms, batch_stats, centroid_state), grads): the loss terms (global values, float32),
+    the BN statistics after the source then the target forward, the new centroid state (or
+    None), and the gradient of "total" w.r.t. `state.params` from this device's images (its
+    `psum` over devices is the global-batch gradient).
   """
   lc = config.loss
   uda = config.train.mode == "uda"
@@ -170,8 +170,23 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, mode
     terms["total"] = total
     return total, (terms, mutated["batch_stats"], centroid_state)
 
-  (_, (terms, batch_stats, centroid_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return aux, grads
+
+
+def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, schedule: Callable,
+               axis_name=AXIS):
+  """One optimiser update on one device's share of the global batch.
+
+  Args:
+    state: the (replicated) TrainState.
+    batch: as `loss_and_grads`.
+  Returns:
+    (new_state, metrics) where metrics holds every loss term (global values), the lr, and
+    "finite" (1.0, or 0.0 when the loss or a gradient was NaN/Inf and the update was not applied).
+  """
+  (terms, batch_stats, centroid_state), grads = loss_and_grads(
+      state, batch, config=config, axis_name=axis_name)
   grads = jax.lax.psum(grads, axis_name)
   batch_stats = jax.lax.pmean(batch_stats, axis_name)
   finite = jnp.logical_and(_all_finite(terms), _all_finite(grads))
@@ -190,12 +205,13 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, mode
   return new_state, out
 
 
-def make_p_train_step(config, model=None, axis_name=AXIS, devices=None, donate=True):
-  """The pmapped train step over `devices` (default: all local devices)."""
-  model = model or create_model(config, axis_name=axis_name)
+def make_p_train_step(config, axis_name=AXIS, devices=None, donate=True):
+  """The pmapped train step over `devices` (default: all local devices).
+
+  The model is the state's `apply_fn` (see `create_train_state`).
+  """
   _, schedule = create_optimizer(config)
-  step = functools.partial(train_step, config=config, model=model, schedule=schedule,
-                           axis_name=axis_name)
+  step = functools.partial(train_step, config=config, schedule=schedule, axis_name=axis_name)
   return jax.pmap(step, axis_name=axis_name, devices=devices,
                   donate_argnums=(0,) if donate else ())
 
