@@ -19,7 +19,6 @@ shared machine hits both.
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,20 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from udajax import losses  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 
 LAMBDA_CL, LAMBDA_OR, LAMBDA_SP, LAMBDA_EM, IW_RATIO = 2e-2, 2.0, 0.5, 0.1, 0.2
 KEYS = ("c_dist", "f_dist_source", "f_dist_target", "ortho_loss", "sparse_loss")
-
-
-def cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def make_inputs(args):

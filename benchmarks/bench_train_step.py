@@ -39,7 +39,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from udajax import train_step as ts  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -81,17 +81,6 @@ def fail(message):
   """Bad input: one `error: ...` line on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def make_batch(config, rng):
