@@ -171,26 +171,27 @@ class Bottleneck(nn.Module):
 _REMAT_VARS = ("params", "batch_stats")
 
 
-def checkpointed_call(module: nn.Module, unbound: nn.Module, x, train: bool):
+def checkpointed_call(module: nn.Module, x, train: bool):
   """`module(x, train)` with its activations recomputed in the backward pass, not stored.
 
   Only `x` (and the module's variables, which are stored anyway) are kept for the backward
-  pass; the backward pass re-runs the forward of `unbound` (an unbound module with the same
-  attributes as `module`) and takes its vjp. Unlike `nn.remat`/`jax.checkpoint`, the
-  recomputation is tied to the incoming cotangent with an optimisation barrier, so XLA cannot
-  schedule the recomputed activations of every block before the backward pass reaches them (it
-  does so on CPU, where `jax.checkpoint` then raises the peak memory instead of lowering it).
-  Gradients are those of the plain call (same operations, same order). Variables other than
-  `params` (e.g. BatchNorm statistics) are updated by the forward as usual.
+  pass; the backward pass re-runs the forward of an unbound copy of `module` and takes its vjp.
+  Unlike `nn.remat`/`jax.checkpoint`, the recomputation is tied to the incoming cotangent with an
+  optimisation barrier, so XLA cannot schedule the recomputed activations of every block before
+  the backward pass reaches them (it does so on CPU, where `jax.checkpoint` then raises the peak
+  memory instead of lowering it). Gradients are those of the plain call (same operations, same
+  order). Variables other than `params` (e.g. BatchNorm statistics) are updated by the forward
+  as usual.
 
   Args:
     module: a Module (not yet bound) to call as `module(x, train)`.
-    unbound: the same module constructed with `parent=None` (re-applied in the backward pass).
     x: its input array.
     train: passed through (static).
   Returns:
     module(x, train).
   """
+
+  unbound = module.clone(parent=None, name=None)  # re-applied in the backward pass
 
   def fn(mdl, x):
     return mdl(x, train)
@@ -240,11 +241,11 @@ class ResLayer(nn.Module):
     for j in range(self.blocks):
       # The reference projects on the first block of every stage (its _make_layer condition
       # holds for all four stages of DeepLab-v2).
-      kw = dict(width=self.width, stride=self.stride if j == 0 else 1, dilation=self.dilation,
-                downsample=(j == 0), dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-      block = Bottleneck(**kw, name=f"block{j}")
+      block = Bottleneck(self.width, stride=self.stride if j == 0 else 1, dilation=self.dilation,
+                         downsample=(j == 0), dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                         name=f"block{j}")
       if self.remat and not self.is_initializing():
-        x = checkpointed_call(block, Bottleneck(**kw, parent=None), x, train)
+        x = checkpointed_call(block, x, train)
       else:
         x = block(x, train)
     return x
