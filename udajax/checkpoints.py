@@ -153,13 +153,12 @@ def workdir_step(path: str, which: str = "latest") -> int:
   return step
 
 
-def load_workdir_variables(path: str, which: str = "latest", *, with_step: bool = False):
+def load_workdir_variables(path: str, which: str = "latest"):
   """params and batch_stats of a work directory's `which` checkpoint, as numpy.
 
   which="latest": the last complete step (what `init_checkpoint=<workdir>` uses: the reference
   adapts from its final source-only model). which="best": the best by eval score (evaluation),
-  falling back to the latest when no checkpoint has a score. With `with_step`, returns
-  (variables, step).
+  falling back to the latest when no checkpoint has a score.
   """
   step = workdir_step(path, which)
   manager = checkpoint_manager(path, read_only=True)
@@ -169,8 +168,7 @@ def load_workdir_variables(path: str, which: str = "latest", *, with_step: bool 
     raise CheckpointError(
         f"cannot read checkpoint step {step} of work directory {path}: {type(e).__name__}: "
         f"{_one_line(e)}; delete that step directory to use an earlier one") from e
-  variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
-  return (variables, step) if with_step else variables
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
 
 
 # ----------------------------------------------------------------------------- variables

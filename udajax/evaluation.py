@@ -90,7 +90,7 @@ def evaluate(config, p_eval_step, params, batch_stats, *,
   return summarize(config, cm), panels
 
 
-def make_p_predict_step(config, model=None, devices=None):
+def make_p_predict_step(config, devices=None):
   """The eval step's forward without labels, pmapped over `devices` (default: all local ones).
 
   Returns f(params, batch_stats, images, out_size) -> (D, B, h, w) int32 class indices: argmax of
@@ -98,7 +98,7 @@ def make_p_predict_step(config, model=None, devices=None):
   logits upsampled (align corners) to `out_size` = (h, w), a static argument. `params` and
   `batch_stats` replicated, images (D, B, H, W, 3) normalised.
   """
-  model = model or ts.create_model(config, axis_name=None)
+  model = ts.create_model(config, axis_name=None)
 
   def step(params, batch_stats, images, out_size):
     logits = ts.predict_logits(model, {"params": params, "batch_stats": batch_stats}, images,

@@ -76,8 +76,6 @@ class _Writer:
   """Writes predictions into `output` in format `fmt`; refuses two images of the same name."""
 
   def __init__(self, output: str, fmt: str, num_classes: int):
-    if fmt not in FORMATS:
-      raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     self.output, self.fmt, self.num_classes = output, fmt, num_classes
     self.sources = {}
     try:
@@ -152,28 +150,24 @@ def list_images(pattern: str) -> list:
   return paths
 
 
+def _open_image(path: str, read):
+  """`read(PIL image)`; PredictInputError naming the file if it cannot be read."""
+  try:
+    with Image.open(path) as im:
+      return read(im)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise PredictInputError(f"cannot read image {path}: {e}") from e
+
+
 def read_image(path: str) -> np.ndarray:
   """(H, W, 3) uint8 RGB of an image file; PredictInputError naming the file if unreadable."""
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise PredictInputError(f"cannot read image {path}: {e}") from e
-
-
-def _image_size(path: str):
-  """(H, W) from the file header (cheap); PredictInputError naming the file if unreadable."""
-  try:
-    with Image.open(path) as im:
-      return im.size[1], im.size[0]
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise PredictInputError(f"cannot read image {path}: {e}") from e
+  return _open_image(path, lambda im: np.asarray(im.convert("RGB")))
 
 
 def check_images(paths) -> dict:
   """{path: (H, W)} from the file headers (cheap), before any computation: PredictInputError
   naming an unreadable file, or two files that would write the same prediction name."""
-  sizes = {p: _image_size(p) for p in paths}
+  sizes = {p: _open_image(p, lambda im: (im.size[1], im.size[0])) for p in paths}
   seen = {}
   for p in paths:
     name = output_name(p)
@@ -184,8 +178,10 @@ def check_images(paths) -> dict:
   return sizes
 
 
-def predict_files(config, replicated, paths, writer: _Writer, *, progress: bool = True) -> int:
-  """Predicts image files (this process's share of `paths`), each at its own size.
+def predict_files(config, replicated, sizes, writer: _Writer, *, progress: bool = True) -> int:
+  """Predicts image files (this process's share of `sizes`), each at its own size.
+
+  `sizes`: {path: (H, W)} as returned by `check_images`.
 
   Each image is resized (PIL bicubic, as the resized builder configs) to `config.eval.image_size`
   for the network; the logits are upsampled (align corners) to the image's size before the
@@ -195,8 +191,7 @@ def predict_files(config, replicated, paths, writer: _Writer, *, progress: bool 
   import jax
   from udajax import evaluation
   from udajax import images as images_lib
-  paths = paths[jax.process_index()::jax.process_count()]
-  sizes = check_images(paths)
+  paths = list(sizes)[jax.process_index()::jax.process_count()]
   groups = {}
   for p in paths:
     groups.setdefault(sizes[p], []).append(p)
@@ -257,23 +252,21 @@ def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color",
   if fmt not in FORMATS:
     raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
   # Bad image files fail within a second, before jax and TensorFlow are even imported.
-  paths = list_images(images) if images else None
-  if paths is not None:
-    check_images(paths)
+  sizes = check_images(list_images(images)) if images else None
   import flax
   from udajax import configuration
   from udajax import data
   from udajax import evaluation
   configuration.validate_config(config)
-  if paths is None:
+  if sizes is None:
     data.prepare_datasets(config, training=False)
   variables, step = evaluation.load_checkpoint_variables(config, checkpoint, which)
   replicated = flax.jax_utils.replicate(variables)
   writer = _Writer(os.path.abspath(os.path.expanduser(output)), fmt, config.num_classes)
-  if paths is None:
+  if sizes is None:
     n = predict_eval_set(config, replicated, writer, progress=progress)
   else:
-    n = predict_files(config, replicated, paths, writer, progress=progress)
+    n = predict_files(config, replicated, sizes, writer, progress=progress)
   return {"num_images": n, "step": step, "output": writer.output}
 
 
