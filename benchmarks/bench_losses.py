@@ -17,7 +17,6 @@ shared machine hits both.
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from udajax import losses  # noqa: E402
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
 
 LAMBDA_CL, LAMBDA_OR, LAMBDA_SP, LAMBDA_EM, IW_RATIO = 2e-2, 2.0, 0.5, 0.1, 0.2
 KEYS = ("c_dist", "f_dist_source", "f_dist_target", "ortho_loss", "sparse_loss")
@@ -83,17 +82,10 @@ def ours(args, sf, sp, tf, tp):
 def reference(args, sf, sp, tf, tp):
   import torch  # only the comparison needs torch
 
-  path = os.path.join(args.reference_dir, "utils", "losses.py")
-  if not os.path.exists(path):
-    raise SystemExit(f"--reference_dir: {path} not found (clone LTTM/UDAclustering there)")
-  spec = importlib.util.spec_from_file_location("reference_uda_losses", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  # The module defines two nn.Module classes: the feature regulariser and the IW loss.
-  classes = {n: c for n, c in vars(module).items() if isinstance(c, type)
-             and issubclass(c, torch.nn.Module) and c.__module__ == spec.name}
-  reg_cls = next(c for n, c in classes.items() if n.lower().startswith("feat"))
-  iw_cls = next(c for n, c in classes.items() if n.lower().startswith("iw"))
+  try:
+    reg_cls, iw_cls = reference_loss_classes(args.reference_dir)
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from e
   reg = reg_cls(num_class=args.num_classes, device="cpu")
   iw = iw_cls(num_class=args.num_classes, ratio=IW_RATIO)
   nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # noqa: E731

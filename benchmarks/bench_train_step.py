@@ -24,7 +24,7 @@ too small to run it.
 
 --reference_dir=DIR (a checkout of the authors' LTTM/UDAclustering code, kept outside this
 repository) also times their PyTorch UDA step at the same shapes: their DeepLab-v2 (`DeeplabFeat`)
-forward on source and target, cross-entropy, IW max-square, their `feat_reg_ST_loss`, one
+forward on source and target, cross-entropy, IW max-square, their feature regularisation, one
 backward of the weighted sum of all terms (their `train_UDA.py` calls backward once per term,
 5 passes through the network: `--per_term_backward`), SGD step with their two parameter groups.
 Ours and theirs run alternately (--pairs pairs of --steps runs each); the ratio of the medians
@@ -36,7 +36,6 @@ Bad flags give one `error: ...` line and exit status 2.
 """
 
 import importlib
-import importlib.util
 import json
 import os
 import statistics
@@ -56,7 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from udajax import train_step as ts  # noqa: E402
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -214,11 +213,10 @@ def build_reference(config, batch_np):
     sys.modules["torchvision"] = types.SimpleNamespace(models=None)
   sys.path.insert(0, ref)
   feat_mod = importlib.import_module("graphs.models.DeepLabV2_feat")
-  # utils/losses.py by path: the reference's `utils` package imports its dataset code.
-  spec = importlib.util.spec_from_file_location("reference_uda_losses",
-                                                os.path.join(ref, "utils", "losses.py"))
-  loss_mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(loss_mod)
+  try:
+    feature_loss_cls, iw_loss_cls = reference_loss_classes(ref)
+  except FileNotFoundError as e:
+    fail(str(e))
   if tuple(config.model.stage_blocks) != (3, 4, 23, 3) or config.model.base_width != 64:
     fail("--reference_dir needs the full-size model (stage_blocks (3, 4, 23, 3), "
                          "base_width 64)")
@@ -232,9 +230,8 @@ def build_reference(config, batch_np):
                               weight_decay=t.weight_decay)
   ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
   lc = config.loss
-  reg = loss_mod.feat_reg_ST_loss(ignore_index=-1, num_class=config.num_classes, device="cpu")
-  iw = loss_mod.IW_MaxSquareloss(ignore_index=-1, num_class=config.num_classes,
-                                 ratio=lc.iw_ratio)
+  reg = feature_loss_cls(ignore_index=-1, num_class=config.num_classes, device="cpu")
+  iw = iw_loss_cls(ignore_index=-1, num_class=config.num_classes, ratio=lc.iw_ratio)
   nchw = lambda x: torch.from_numpy(x[0]).permute(0, 3, 1, 2).contiguous()  # noqa: E731
   xs, xt = nchw(batch_np["source_image"]), nchw(batch_np["target_image"])
   ys = torch.from_numpy(batch_np["source_label"][0]).long()

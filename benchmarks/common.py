@@ -13,3 +13,29 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def reference_loss_classes(reference_dir: str):
+  """(feature-regularisation loss class, IW max-square loss class) of the authors' code.
+
+  Loads `utils/losses.py` of a checkout of the reference (kept outside this repository) by file
+  path: importing its `utils` package would pull in its dataset code. The module defines two
+  `torch.nn.Module` classes, found by their name prefixes ("feat", "iw"). Raises
+  FileNotFoundError when the file is missing.
+  """
+  import importlib.util
+  import os
+
+  import torch  # only the comparison with the reference needs torch
+
+  path = os.path.join(reference_dir, "utils", "losses.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--reference_dir: {path} not found (clone LTTM/UDAclustering there)")
+  spec = importlib.util.spec_from_file_location("reference_uda_losses", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  classes = {n.lower(): c for n, c in vars(module).items() if isinstance(c, type)
+             and issubclass(c, torch.nn.Module) and c.__module__ == spec.name}
+  feature_cls = next(c for n, c in classes.items() if n.startswith("feat"))
+  iw_cls = next(c for n, c in classes.items() if n.startswith("iw"))
+  return feature_cls, iw_cls
