@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import train_cli
 from udajax import configuration
-from udajax import datasets
 from udajax import train_step as ts
 from udajax import trainer
 
@@ -147,11 +147,9 @@ def test_remat_lowers_xla_peak_memory(remat_pair):
   assert remat < 0.8 * plain, (remat, plain)
 
 
-def test_bfloat16_demo_run_learns(tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  datasets.ensure_demo_built(data_dir)
+def test_bfloat16_demo_run_learns(tmp_path, tmp_path_factory):
   c = importlib.import_module("configs.demo").get_config()
-  c.data_dir = data_dir
+  c.data_dir = train_cli.demo_data_dir(tmp_path_factory)  # built once per test session
   c.model.dtype = "bfloat16"
   c.train.mode = "source_only"
   c.train.warmup_source_only_steps = 0
