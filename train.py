@@ -10,7 +10,6 @@ checkpoint is saved; run the same command again to resume), 2 on a user error (b
 key, missing data or checkpoint, divergence), printed as one `error: ...` line without traceback.
 """
 
-import difflib
 import logging as logging_std
 import os
 import sys
@@ -19,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from udajax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -42,53 +43,6 @@ class _QuietLibraries(logging_std.Filter):
         part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/tensorflow/"))
 
 
-def _flag_error(argv, e) -> str:
-  """One line for a command-line parse failure, naming an unknown `--config.*` key if any."""
-  from udajax import configuration  # light: no jax/TF
-  schema = configuration.base_config()
-  for arg in argv[1:]:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config."):].split("=", 1)[0].split(".")
-    node, done = schema, []
-    for key in path:
-      if not hasattr(node, "keys") or key not in node:
-        known = list(node.keys()) if hasattr(node, "keys") else []
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"did you mean '{'.'.join(done + close)}'? " if close else ""
-        where = ".".join(done) or "the top level"
-        return (f"config key '{'.'.join(path)}' is unknown ({arg}): {hint}"
-                f"known keys of {where}: {', '.join(sorted(known))}")
-      node, done = node[key], done + [key]
-  text = " ".join(str(e).replace("\\n", " ").split())
-  if "cannot be added since the config is locked" in text:  # a typo inside the config file
-    files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-    return f"cannot load config file {files[0] if files else '?'} ({type(e).__name__}): {text}"
-  return f"bad command line ({type(e).__name__}): {text}; see python train.py --help"
-
-
-def _parse_flags(argv):
-  """absl flag parsing that reports a bad flag, config file or override as one line (exit 2)."""
-  try:
-    args = flags.FLAGS(argv)
-  except Exception as e:  # absl / ml_collections raise several types (AttributeError, KeyError...)
-    if "--config must have a value" in str(e):
-      message = "--config is required, e.g. python train.py --config=configs/demo.py"
-    else:
-      message = _flag_error(argv, e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  try:
-    _CONFIG.value.keys()  # ml_collections defers a config file's load error to the first access
-  except Exception as e:
-    cause = e.__cause__ or e
-    print(f"error: cannot load config file {flags.FLAGS['config'].config_filename} "
-          f"({type(cause).__name__}: {' '.join(str(cause).split())}): check the path and that it "
-          "defines get_config()", file=sys.stderr, flush=True)
-    sys.exit(2)
-  return args
-
-
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -107,7 +61,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    _fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
+    cli.fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
   _enable_compilation_cache(workdir)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
@@ -118,16 +72,11 @@ def main(argv):
   except errors.TrainingDiverged as e:
     _exit_now(f"error: {e}", 2)
   except errors.USER_ERRORS as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if jax.process_index() == 0:
     print(_result_table(config, workdir, result), flush=True)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
-
-
-def _fail(message: str) -> None:
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def _enable_compilation_cache(workdir: str) -> None:
@@ -183,4 +132,4 @@ def _exit_now(message: str, status: int) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -13,11 +13,12 @@ checkpoint).
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from udajax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -56,14 +57,11 @@ def main(argv):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       open(path, "a").close()
     except OSError as e:
-      print(f"error: cannot write --output_json {_OUTPUT_JSON.value}: {e}", file=sys.stderr,
-            flush=True)
-      sys.exit(2)
+      cli.fail(f"cannot write --output_json {_OUTPUT_JSON.value}: {e}")
   try:
     result = evaluation.evaluate_checkpoint(config, _CHECKPOINT.value, _WHICH.value)
   except errors.USER_ERRORS as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line
-    sys.exit(2)
+    cli.fail(str(e))
   if jax.process_index() > 0:
     return
   names = labels.class_names(config.num_classes)
@@ -77,6 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from udajax.predict import parse_flags
   flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

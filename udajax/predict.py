@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from udajax import cli
 from udajax import errors
 from udajax.prediction_formats import FORMATS, PredictInputError, output_name, render, write_png
 
@@ -291,22 +292,6 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "checkpoint", "output"])
 
 
-def parse_flags(argv):
-  """absl flag parsing for `python -m udajax.predict` / `udajax.evaluate`: a bad flag, override or
-  config file is one `error: ...` line (exit status 2) instead of absl's usage dump."""
-  from absl import flags
-  try:
-    args = flags.FLAGS(argv)
-    flags.FLAGS["config"].value.keys()  # ml_collections defers a config file's load error
-  except Exception as e:  # absl / ml_collections raise several types (AttributeError, KeyError...)
-    cause = e.__cause__ or e
-    text = " ".join(str(cause).replace("\\n", " ").split())
-    print(f"error: bad command line ({type(cause).__name__}): {text}; see --help", file=sys.stderr,
-          flush=True)
-    sys.exit(2)
-  return args
-
-
 def main(argv):
   del argv
   from absl import flags
@@ -315,8 +300,7 @@ def main(argv):
     result = predict_checkpoint(f.config, f.checkpoint, f.output, f.format, images=f.images,
                                 which=f.which, progress=True)
   except errors.USER_ERRORS as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line
-    sys.exit(2)
+    cli.fail(str(e))
   step = "" if result["step"] is None else f" (step {result['step']})"
   print(f"{result['num_images']} predictions ({f.format}) of {f.checkpoint}{step} written to "
         f"{result['output']}", flush=True)
@@ -325,4 +309,4 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
