@@ -20,7 +20,7 @@ Parameter tree (`params`; `batch_stats` mirrors the BN paths with `mean`/`var`):
   backbone/layer{1..4}/block0/{downsample_conv/kernel, downsample_bn/{scale,bias}},
   VGG: backbone/{conv1_1..conv5_3,fc6,fc7}/{kernel,bias},
   classifier/conv{i}/{kernel,bias}  (i-th ASPP branch = reference `conv2d_list.i`).
-Conv kernels are HWIO. This module imports only jax/flax/numpy.
+Conv kernels are HWIO (`udajax.conv.Conv`). This module imports only jax/flax/numpy.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from udajax.conv import Conv
 from udajax.ops import resize_bilinear_align_corners
 
 BACKBONES = ("resnet101", "vgg16")
@@ -131,11 +132,24 @@ class BatchNorm(nn.Module):
 
 def _conv(features, kernel, *, stride=1, padding=0, dilation=1, use_bias=False, dtype, name,
           kernel_init=normal_001, bias_init=nn.initializers.zeros):
-  """nn.Conv with explicit symmetric padding (never "SAME")."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init, name=name)
+  """A `conv.Conv` (nn.Conv's parameters; 1×1 convolutions as matrix products)."""
+  return Conv(features, kernel, stride=stride, padding=padding, dilation=dilation,
+              use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init,
+              name=name)
+
+
+def residual_relu(v):
+  """ReLU of a block's output, max(v, 0) with NaN kept, written as a select (same values).
+
+  Why not `nn.relu` (a `maximum`): XLA's CPU fusion pass may recompute a cheap elementwise value
+  inside each consumer instead of reading it. A `maximum` with a constant counts as unary, so the
+  backward pass's consumers of a block output re-derived it from the previous block's output,
+  and so on down the stage: each of ResNet-101's 23 layer3 blocks recomputed the whole chain
+  (docs/PERFORMANCE.md). A select reads two full-size operands (the mask and `v`), which XLA
+  does not duplicate into consumers it cannot all fuse with, so each block output is computed
+  once and read from memory. Gradient: that of `nn.relu` (0 at v ≤ 0).
+  """
+  return jnp.where(v <= 0, jnp.zeros((), v.dtype), v)
 
 
 class Bottleneck(nn.Module):
@@ -165,7 +179,7 @@ class Bottleneck(nn.Module):
       residual = bn("downsample_bn")(residual, train)
     else:
       residual = x
-    return nn.relu(out + residual)
+    return residual_relu(out + residual)
 
 
 _REMAT_VARS = ("params", "batch_stats")
