@@ -111,6 +111,73 @@ def test_synchronised_batchnorm_under_pmap_equals_global_batch():
                                  rtol=1e-5)
 
 
+def test_batchnorm_gradients_match_torch():
+  rng = np.random.RandomState(1)
+  x = (rng.randn(2, 5, 7, 6) * 3 + 2).astype(np.float32)
+  w = rng.randn(2, 5, 7, 6).astype(np.float32)
+  scale, bias = rng.uniform(0.5, 1.5, 6).astype(np.float32), rng.randn(6).astype(np.float32)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": np.zeros(6, np.float32), "var": np.ones(6, np.float32)}}
+
+  def loss(params, x):
+    y, _ = models.BatchNorm().apply({**variables, "params": params}, x, train=True,
+                                    mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * w)
+
+  d_params, dx = jax.grad(loss, argnums=(0, 1))(variables["params"], jnp.asarray(x))
+  bn_t = torch.nn.BatchNorm2d(6).train()
+  with torch.no_grad():
+    bn_t.weight.copy_(torch.from_numpy(scale))
+    bn_t.bias.copy_(torch.from_numpy(bias))
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
+  (torch.sin(bn_t(xt)) * torch.from_numpy(w.transpose(0, 3, 1, 2))).sum().backward()
+  assert relerr(dx, xt.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
+  assert relerr(d_params["scale"], bn_t.weight.grad.numpy()) < 1e-5
+  assert relerr(d_params["bias"], bn_t.bias.grad.numpy()) < 1e-5
+
+
+def _plain_batch_norm(x, scale, bias, axis_name=None):
+  """The forward formula, differentiated by JAX (what `batch_norm_train`'s backward replaces)."""
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  mean = jax.lax.pmean(mean, axis_name) if axis_name else mean
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  var = jax.lax.pmean(var, axis_name) if axis_name else var
+  return (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
+
+
+def test_batch_norm_train_backward_equals_autodiff_including_statistics_and_sync():
+  n = jax.local_device_count()
+  rng = np.random.RandomState(2)
+  x = (rng.randn(n * 2, 3, 4, 5) * 2 + 1).astype(np.float32)
+  w = rng.randn(*x.shape).astype(np.float32)
+  a, b = rng.randn(5).astype(np.float32), rng.randn(5).astype(np.float32)
+  scale, bias = rng.uniform(0.5, 1.5, 5).astype(np.float32), rng.randn(5).astype(np.float32)
+
+  def loss(bn, axis_name=None):
+    # The statistics feed the loss too. Under pmap each device adds 1/n of their term, so that
+    # the devices' losses sum to the single-device loss.
+    parts = n if axis_name else 1
+
+    def f(x, scale, bias, w):
+      y, mean, var = bn(x, scale, bias, axis_name)
+      return jnp.sum(jnp.sin(y) * w) + (jnp.sum(mean * a) + jnp.sum(var * b)) / parts
+    return jax.grad(f, argnums=(0, 1, 2))
+
+  ours_bn = lambda x, s, c, ax: models.batch_norm_train(x, s, c, 1e-5, ax)  # noqa: E731
+  ours = loss(ours_bn)(x, scale, bias, w)
+  plain = loss(_plain_batch_norm)(x, scale, bias, w)
+  for o, p in zip(ours, plain):
+    assert relerr(o, p) < 1e-5
+  # Synchronised over n devices: each device's dx is its slice of the global-batch dx, and the
+  # devices' scale/bias gradients sum to the global ones (the trainer sums them).
+  shard = lambda v: v.reshape(n, 2, *v.shape[1:])  # noqa: E731
+  p_grad = jax.pmap(loss(ours_bn, "batch"), axis_name="batch", in_axes=(0, None, None, 0))
+  dx, d_scale, d_bias = p_grad(shard(x), scale, bias, shard(w))
+  assert relerr(np.asarray(dx).reshape(x.shape), plain[0]) < 1e-5
+  assert relerr(np.sum(d_scale, 0), plain[1]) < 1e-5
+  assert relerr(np.sum(d_bias, 0), plain[2]) < 1e-5
+
+
 def _shapes(tree):
   return jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
 
