@@ -8,7 +8,8 @@ convolution, a copy) by category. Categories come from the optimised HLO of the 
   conv forward            convolutions of the forward pass
   conv input gradient     convolutions of the backward pass that produce an activation gradient
   conv weight gradient    convolutions of the backward pass that produce a kernel gradient
-  matmul                  dot products (losses, anything XLA turned into a dot)
+  matmul                  dot products (the model's 1×1 convolutions, `udajax.conv.pointwise_conv`;
+                          the losses)
   reductions              fused kernels containing a reduce (BatchNorm statistics, loss sums)
   layout copies           fused kernels that only transpose / copy / pad / slice
   elementwise             other fused kernels (BatchNorm normalisation, ReLU, SGD update, ...)
@@ -100,12 +101,17 @@ def classify(line, computations):
     conv = next(x for x in body if " convolution(" in x)
     window = re.search(r"size=([\dx]+)", conv)
     taps = int(np.prod([int(v) for v in window.group(1).split("x")])) if window else 1
-    if "transpose(" not in names and "transpose(" not in conv and taps <= 49:
-      category = "conv forward"
-    elif taps > 49:  # the window spans the feature map: a kernel gradient
+    # XLA writes a kernel gradient as a convolution whose window is the feature map and whose
+    # output's spatial size is the kernel's: its window is larger than its output.
+    out_dims = [int(v) for v in re.search(r"= \w+\[([\d,]*)\]", conv).group(1).split(",")]
+    labels = re.search(r"dim_labels=\S*->(\w+)", conv).group(1)
+    out_taps = out_dims[labels.index("0")] * out_dims[labels.index("1")]
+    if taps > out_taps:
       category = "conv weight gradient"
-    else:
+    elif "transpose(" in names or "transpose(" in conv:
       category = "conv input gradient"
+    else:
+      category = "conv forward"
   elif "dot" in opcodes:
     category = "matmul"
   elif opcodes & {"reduce", "reduce-window", "all-reduce"}:

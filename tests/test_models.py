@@ -178,6 +178,20 @@ def test_batch_norm_train_backward_equals_autodiff_including_statistics_and_sync
   assert relerr(np.sum(d_bias, 0), plain[2]) < 1e-5
 
 
+def test_batch_norm_train_bfloat16_input_keeps_its_dtype_and_float32_maths():
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, 4, 5, 6) * 2 + 1, jnp.bfloat16)
+  g = jnp.asarray(rng.randn(2, 4, 5, 6), jnp.float32)
+  scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32), jnp.zeros(6, jnp.float32)
+  f = lambda bn: lambda x: jnp.sum(bn(x, scale, bias)[0] * g)  # noqa: E731
+  dx = jax.grad(f(lambda x, s, b: models.batch_norm_train(x, s, b, 1e-5, None)))(x)
+  ref = jax.grad(f(lambda x, s, b: _plain_batch_norm(x.astype(jnp.float32), s, b)))(x)
+  assert dx.dtype == jnp.bfloat16 and ref.dtype == jnp.bfloat16
+  # Both compute in float32 from the same bf16 input; only the final rounding to bf16 (2^-8
+  # relative) and float32 summation order differ.
+  assert relerr(dx, ref) < 1e-2
+
+
 def _shapes(tree):
   return jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
 

@@ -18,7 +18,9 @@ def test_profile_script_attributes_the_step_time_to_categories(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, "benchmarks/profile_train_step.py", "--config=configs/gta.py",
          "--config.model.stage_blocks=(1, 1, 1, 1)", "--config.model.base_width=8",
-         "--config.source.image_size=(64, 96)", "--config.target.image_size=(64, 96)",
+         # 48×64 images: 6×8 feature maps, smaller than a 7×7 window (kernel gradients must
+         # still be told from forward convolutions).
+         "--config.source.image_size=(48, 64)", "--config.target.image_size=(48, 64)",
          "--steps=2", "--top=5", f"--trace_dir={tmp_path / 'trace'}", f"--output={out}"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,6 +35,8 @@ def test_profile_script_attributes_the_step_time_to_categories(tmp_path):
   # Operations can overlap on the cores (sum > wall), and the step has host-side overhead
   # (sum < wall), but the sum is of the step's own operations: the same order as the wall time.
   assert 0.3 * wall < total < 4 * wall, (total, wall)
+  # The model's operations are most of the step; the rest is the losses and the update.
   by_part = result["udajax_ms_by_part"]
-  assert abs(sum(by_part.values()) - total) < 1e-3 * total + 0.05
+  model = sum(v for k, v in by_part.items() if k.startswith("model: "))
+  assert 0.5 * total < model < total, by_part
   assert "slowest 5 single operations" in proc.stdout

@@ -75,16 +75,21 @@ def test_bfloat16_step_loss_terms_within_bf16_tolerance_of_float32():
   # bf16, accumulation in float32) are off by a few u: 1e-2 (5 u). Orthogonality (squared
   # cosines of nearly orthogonal centroids) and sparsity (a difference of two nearly equal
   # sums) are small results of cancellation, so the same absolute error is a larger relative
-  # one: 6e-2 there. Measured (stage_blocks (1, 1, 1, 1)): ce 4e-4, total 4e-4, c_dist 1e-3,
-  # f_dist_* <= 2e-3, em 3e-3, sparsity 1.8e-2, orthogonality 3.4e-2. A float32 softmax or loss
-  # sum done in bf16 instead, or bf16 parameters, breaks the 1e-2 terms.
+  # one: 6e-2 there. The clustering terms (L1 distances of features to centroids that are
+  # themselves means of those features) depend on the draw: 2e-2. Measured (stage_blocks
+  # (1, 1, 1, 1), batches drawn with seeds 0 / 5 / 7): ce <= 8e-4, total <= 6e-4, em <= 3e-3,
+  # c_dist 7.1e-3 / 1.9e-3 / 4.4e-3, clustering 8.5e-3 / 1.2e-3 / 4.4e-3, f_dist_* <= 6.6e-3,
+  # sparsity <= 1.5e-2, orthogonality <= 3.4e-2. A float32 softmax or loss sum done in bf16
+  # instead, or bf16 parameters, breaks the 1e-2 terms.
   loose = ("orthogonality", "sparsity")
+  clustering = ("c_dist", "clustering", "f_dist_source", "f_dist_target")
   for k in m32:
     if k in ("lr", "finite"):
       assert m16[k] == m32[k]
       continue
     rel = abs(m16[k] - m32[k]) / max(abs(m32[k]), 1e-6)
-    assert rel <= (6e-2 if k in loose else 1e-2), (k, m16[k], m32[k], rel)
+    tol = 6e-2 if k in loose else 2e-2 if k in clustering else 1e-2
+    assert rel <= tol, (k, m16[k], m32[k], rel)
   assert abs(m16["ce"] - m32["ce"]) / m32["ce"] > 1e-6  # the bf16 step really computed in bf16
   # Parameters, momentum, BN statistics and centroids stay float32 in the bf16 step.
   assert float32_leaves(state16.params) and float32_leaves(state16.opt_state)
@@ -160,5 +165,6 @@ def test_bfloat16_demo_run_learns(tmp_path, tmp_path_factory):
   c.eval.num_images_to_log = 0
   summary = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   # Chance: one class everywhere scores at most 100/13 ≈ 7.7 mIoU (13 classes drawn), uniform
-  # random guesses ≈ 4. Measured 2026-11-28: 21.2 after these 60 bf16 steps.
+  # random guesses ≈ 4. Measured 2026-11-28: 18.5 after these 60 bf16 steps (21.2 with the code
+  # before the 1×1 convolutions became matrix products).
   assert summary["mIoU"] > 15.0, summary

@@ -37,26 +37,33 @@ def pointwise_conv(x, kernel, stride: int = 1):
   """1×1 convolution, no padding: x (B, H, W, Cin), kernel (1, 1, Cin, Cout) → (B, H', W', Cout).
 
   H' = (H − 1) // stride + 1 (as `lax.conv_general_dilated` with stride `stride`, no padding).
-  `x` and `kernel` must have the same dtype; the result has it too.
+  `x` and `kernel` must have the same dtype; the result has it too. Products are accumulated
+  in float32 (bfloat16 inputs: as XLA's convolutions accumulate).
   """
   return _pointwise_fwd(x, kernel, stride)[0]
 
 
 def _pointwise_fwd(x, kernel, stride):
   xs = x[:, ::stride, ::stride, :] if stride > 1 else x
-  return lax.dot_general(xs, kernel[0, 0], _DOT_LAST_FIRST), (xs, kernel, x.shape)
+  return _dot(xs, kernel[0, 0], _DOT_LAST_FIRST, x.dtype), (xs, kernel, x.shape)
 
 
 def _pointwise_bwd(stride, residuals, g):
   xs, kernel, x_shape = residuals
   cin, cout = kernel.shape[2:]
-  dxs = lax.dot_general(g, kernel[0, 0], _DOT_LAST_LAST)
+  dxs = _dot(g, kernel[0, 0], _DOT_LAST_LAST, xs.dtype)
   if stride > 1:  # back onto the strided positions of the full input, zeros elsewhere
     pads = [(0, 0, 0)] + [(0, n - ((m - 1) * stride + 1), stride - 1)
                           for n, m in zip(x_shape[1:3], dxs.shape[1:3])] + [(0, 0, 0)]
     dxs = lax.pad(dxs, jnp.zeros((), dxs.dtype), pads)
-  dw = lax.dot_general(xs.reshape(-1, cin), g.reshape(-1, cout), _DOT_FIRST_FIRST)
-  return dxs, dw.reshape(kernel.shape).astype(kernel.dtype)
+  dw = _dot(xs.reshape(-1, cin), g.reshape(-1, cout), _DOT_FIRST_FIRST, kernel.dtype)
+  return dxs, dw.reshape(kernel.shape)
+
+
+def _dot(a, b, dimension_numbers, dtype):
+  """dot_general accumulated in float32 (exact no-op for float32), rounded to `dtype`."""
+  return lax.dot_general(a, b, dimension_numbers,
+                         preferred_element_type=jnp.float32).astype(dtype)
 
 
 pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)

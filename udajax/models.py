@@ -200,7 +200,8 @@ def residual_relu(v):
   and so on down the stage: each of ResNet-101's 23 layer3 blocks recomputed the whole chain
   (docs/PERFORMANCE.md). A select reads two full-size operands (the mask and `v`), which XLA
   does not duplicate into consumers it cannot all fuse with, so each block output is computed
-  once and read from memory. Gradient: that of `nn.relu` (0 at v ≤ 0).
+  once and read from memory. Gradient: 0 at v ≤ 0, 1 above and at NaN (as torch's ReLU; `nn.relu`
+  gives 0 at NaN; either way the NaN guard skips such a step).
   """
   return jnp.where(v <= 0, jnp.zeros((), v.dtype), v)
 
