@@ -55,6 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from udajax import train_step as ts  # noqa: E402
+from udajax.cli import fail  # noqa: E402  (one `error: ...` line, exit status 2)
 from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
@@ -74,12 +75,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "random inputs and init")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "with --reference_dir: also time the model's forward + backward alone "
     "(both domains, no losses, no update) for both implementations")
-
-
-def fail(message):
-  """Bad input: one `error: ...` line on stderr, exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def make_batch(config, rng):
@@ -135,24 +130,42 @@ def matmul_peak(dtype, n=2048, repeats=5):
   return 2.0 * n ** 3 / min(times)
 
 
-def build_ours(config, batch):
-  """(compiled step, run(), compile seconds, memory stats, flops)."""
+def compile_step(config, batch):
+  """The pmapped step compiled on one device with a fresh state (seed --seed).
+
+  Returns (compiled step, replicated state, replicated batch, compile seconds).
+  """
   devices = jax.devices()[:1]
   p_step = ts.make_p_train_step(config, devices=devices, donate=True)
-  if _MEMORY_ONLY.value:
-    state = abstract_state(config)
-    batch_spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    t0 = time.perf_counter()
-    compiled = p_step.lower(state, batch_spec).compile()
-    return None, time.perf_counter() - t0, memory_stats(compiled), flops_of(compiled)
-
   variables = ts.init_variables(config, jax.random.PRNGKey(_SEED.value))
   state = flax.jax_utils.replicate(
       ts.create_train_state(config, variables, jax.random.PRNGKey(1)), devices)
   batch = flax.jax_utils.replicate(jax.tree_util.tree_map(lambda x: x[0], batch), devices)
   t0 = time.perf_counter()
   compiled = p_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return compiled, state, batch, time.perf_counter() - t0
+
+
+def emit(result):
+  """Prints the result as one JSON line, also appended to --output when given."""
+  line = json.dumps(result)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "a") as f:
+      f.write(line + "\n")
+  print(line)
+
+
+def build_ours(config, batch):
+  """(run(), compile seconds, memory stats, flops); run is None with --memory_only."""
+  if _MEMORY_ONLY.value:
+    p_step = ts.make_p_train_step(config, devices=jax.devices()[:1], donate=True)
+    state = abstract_state(config)
+    batch_spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    t0 = time.perf_counter()
+    compiled = p_step.lower(state, batch_spec).compile()
+    return None, time.perf_counter() - t0, memory_stats(compiled), flops_of(compiled)
+
+  compiled, state, batch, compile_s = compile_step(config, batch)
   holder = {"state": state}
 
   def run():
@@ -362,11 +375,7 @@ def main(argv):
           f"udajax {step_s - om:.3f} s, reference {ref_s - tm:.3f} s")
     result.update(model_only_s=round(om, 4), reference_model_only_s=round(tm, 4),
                   model_only_ratio=round(om / tm, 3))
-  line = json.dumps(result)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  emit(result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ once; the wall time per step is printed too. Also writes the tables as one JSON 
 
 import collections
 import glob
-import json
 import os
 import re
 import statistics
@@ -46,12 +45,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 
 from benchmarks import bench_train_step as bts  # noqa: E402  (its flags are ours too)
 from benchmarks.common import cpu_name  # noqa: E402
-from udajax import train_step as ts  # noqa: E402
+from udajax.cli import fail  # noqa: E402
 
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None,
                                  "keep the jax.profiler trace here (default: a temporary folder)")
@@ -151,13 +149,7 @@ def xplane_events(trace_dir):
 
 def profile_ours(config, batch):
   """Category table of udajax's step: (rows, per-op list, wall seconds per step)."""
-  devices = jax.devices()[:1]
-  p_step = ts.make_p_train_step(config, devices=devices, donate=True)
-  variables = ts.init_variables(config, jax.random.PRNGKey(bts._SEED.value))
-  state = flax.jax_utils.replicate(
-      ts.create_train_state(config, variables, jax.random.PRNGKey(1)), devices)
-  batch = flax.jax_utils.replicate(jax.tree_util.tree_map(lambda x: x[0], batch), devices)
-  compiled = p_step.lower(state, batch).compile()
+  compiled, state, batch, _ = bts.compile_step(config, batch)
   computations, entry = parse_hlo(compiled.as_text())
   for _ in range(max(bts._WARMUP.value, 1)):
     state, _ = compiled(state, batch)
@@ -251,12 +243,12 @@ def print_table(title, table, wall, keys):
 
 def main(argv):
   if len(argv) > 1:
-    bts.fail(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments: {argv[1:]}")
   config = bts._CONFIG.value
   if config is None:
-    bts.fail("--config is required, e.g. --config=configs/gta.py")
+    fail("--config is required, e.g. --config=configs/gta.py")
   if config.train.mode != "uda":
-    bts.fail("profile_train_step times the UDA step: use a UDA config")
+    fail("profile_train_step times the UDA step: use a UDA config")
   print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; jax {jax.__version__}; "
         f"device {jax.devices()[0].device_kind}")
   batch = bts.make_batch(config, np.random.default_rng(bts._SEED.value))
@@ -280,11 +272,7 @@ def main(argv):
     result["reference_wall_ms"] = round(ref_wall * 1e3, 1)
     result["reference_ms"] = print_table("reference (torch.profiler, self CPU time of aten "
                                          "operators)", ref_table, ref_wall, keys)
-  line = json.dumps(result)
-  if bts._OUTPUT.value:
-    with open(bts._OUTPUT.value, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  bts.emit(result)
 
 
 if __name__ == "__main__":

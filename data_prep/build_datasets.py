@@ -106,6 +106,7 @@ def main(argv=None):
                       help="decode/resize threads (default: #cores, max 8)")
   args = parser.parse_args(argv)
 
+  from udajax import cli  # pylint: disable=g-import-not-at-top
   from udajax import datasets  # pylint: disable=g-import-not-at-top
   name = DATASETS[args.dataset]
   config = args.config or DEFAULT_CONFIGS[name]
@@ -118,8 +119,7 @@ def main(argv=None):
     # CorruptFileError (a bad file, named), ValueError (bad arguments), FileNotFoundError (no
     # images under --manual_dir), AssertionError (TFDS's own manual-dir check): one line each.
     except (datasets.CorruptFileError, ValueError, FileNotFoundError, AssertionError) as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      cli.fail(e)
   for s in summaries:
     print_summary(s)
   return summaries
