@@ -13,6 +13,7 @@ import torch
 
 from data_prep.convert_torch_checkpoint import convert_checkpoint, convert_state_dict
 from tests import torch_reference_models as tref
+from udajax import batch_norm
 from udajax import images as images_lib
 from udajax import models
 from udajax.models import DeepLabV2
@@ -78,7 +79,7 @@ def test_batchnorm_matches_torch_train_and_eval():
                           "bias": bn_t.bias.detach().numpy().copy()},
                "batch_stats": {"mean": bn_t.running_mean.numpy().copy(),
                                "var": bn_t.running_var.numpy().copy()}}
-  bn = models.BatchNorm()
+  bn = batch_norm.BatchNorm()
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
   bn_t.eval()
   y_eval = bn.apply(variables, jnp.asarray(x), train=False)
@@ -96,9 +97,9 @@ def test_synchronised_batchnorm_under_pmap_equals_global_batch():
   n = jax.local_device_count()
   assert n >= 2, "conftest forces 4 CPU devices"
   x = np.random.RandomState(0).randn(n * 2, 3, 4, 5).astype(np.float32) * 2 + 1
-  bn_sync = models.BatchNorm(axis_name="batch")
-  variables = models.BatchNorm().init(jax.random.key(0), jnp.asarray(x[:2]), train=False)
-  single, s_state = models.BatchNorm().apply(variables, jnp.asarray(x), train=True,
+  bn_sync = batch_norm.BatchNorm(axis_name="batch")
+  variables = batch_norm.BatchNorm().init(jax.random.key(0), jnp.asarray(x[:2]), train=False)
+  single, s_state = batch_norm.BatchNorm().apply(variables, jnp.asarray(x), train=True,
                                              mutable=["batch_stats"])
   rep = jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), variables)
   fn = jax.pmap(lambda v, xb: bn_sync.apply(v, xb, train=True, mutable=["batch_stats"]),
@@ -120,7 +121,7 @@ def test_batchnorm_gradients_match_torch():
                "batch_stats": {"mean": np.zeros(6, np.float32), "var": np.ones(6, np.float32)}}
 
   def loss(params, x):
-    y, _ = models.BatchNorm().apply({**variables, "params": params}, x, train=True,
+    y, _ = batch_norm.BatchNorm().apply({**variables, "params": params}, x, train=True,
                                     mutable=["batch_stats"])
     return jnp.sum(jnp.sin(y) * w)
 
@@ -163,7 +164,7 @@ def test_batch_norm_train_backward_equals_autodiff_including_statistics_and_sync
       return jnp.sum(jnp.sin(y) * w) + (jnp.sum(mean * a) + jnp.sum(var * b)) / parts
     return jax.grad(f, argnums=(0, 1, 2))
 
-  ours_bn = lambda x, s, c, ax: models.batch_norm_train(x, s, c, 1e-5, ax)  # noqa: E731
+  ours_bn = lambda x, s, c, ax: batch_norm.batch_norm_train(x, s, c, 1e-5, ax)  # noqa: E731
   ours = loss(ours_bn)(x, scale, bias, w)
   plain = loss(_plain_batch_norm)(x, scale, bias, w)
   for o, p in zip(ours, plain):
@@ -184,7 +185,7 @@ def test_batch_norm_train_bfloat16_input_keeps_its_dtype_and_float32_maths():
   g = jnp.asarray(rng.randn(2, 4, 5, 6), jnp.float32)
   scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32), jnp.zeros(6, jnp.float32)
   f = lambda bn: lambda x: jnp.sum(bn(x, scale, bias)[0] * g)  # noqa: E731
-  dx = jax.grad(f(lambda x, s, b: models.batch_norm_train(x, s, b, 1e-5, None)))(x)
+  dx = jax.grad(f(lambda x, s, b: batch_norm.batch_norm_train(x, s, b, 1e-5, None)))(x)
   ref = jax.grad(f(lambda x, s, b: _plain_batch_norm(x.astype(jnp.float32), s, b)))(x)
   assert dx.dtype == jnp.bfloat16 and ref.dtype == jnp.bfloat16
   # Both compute in float32 from the same bf16 input; only the final rounding to bf16 (2^-8
