@@ -454,17 +454,17 @@ def measure_checkpoint(config, checkpoint: str, output: str, *, which: str = "be
   `output`/embeddings.json, cosine.png, projection.png and embeddings.png (both in one row).
 
   Raises a `errors.UserError` for a bad number, a missing checkpoint or dataset."""
-  from udajax import configuration
-  from udajax import data
-  from udajax import datasets
   from udajax import errors
-  from udajax import evaluation
-  from udajax import labels as labels_lib
   if not isinstance(num_images, int) or num_images < 1:
     raise errors.ConfigError(f"--num_images={num_images}: must be a positive number of images "
                              "per domain")
   if not isinstance(points_per_class, int) or points_per_class < 1:
     raise errors.ConfigError(f"--points_per_class={points_per_class}: must be >= 1")
+  from udajax import configuration
+  from udajax import data  # TensorFlow from here on
+  from udajax import datasets
+  from udajax import evaluation
+  from udajax import labels as labels_lib
   configuration.validate_config(config)
   output = os.path.abspath(os.path.expanduser(output))
   try:
