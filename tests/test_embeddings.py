@@ -250,3 +250,13 @@ def test_bad_inputs_one_line(case, demo_data_dir, tmp_path):
   assert "Traceback" not in proc.stderr
   (line,) = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
   assert expect in line, line
+
+
+def test_pca_matches_the_exact_svd():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(300, 64)) / np.arange(1, 65) ** 0.7 + 5.0
+  points, ev = embeddings.project_2d(x)
+  xc = x - x.mean(0)
+  _, s, vt = np.linalg.svd(xc, full_matrices=False)
+  np.testing.assert_allclose(ev, s[:2] ** 2 / np.sum(s ** 2), rtol=1e-9)
+  np.testing.assert_allclose(np.abs(points), np.abs(xc @ vt[:2].T), atol=1e-6)
