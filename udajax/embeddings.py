@@ -406,8 +406,8 @@ def measure(config, params, batch_stats, *, num_images: int,
 
 def log_embeddings(config, params, batch_stats, writer, step: int) -> Optional[dict]:
   """The trainer's hook: measures with `config.eval.embedding_images` images per domain (0 =
-  off: returns None) and writes the scalars and two images ("embeddings/cosine",
-  "embeddings/projection") to the clu `writer`."""
+  off: returns None) and writes the scalars and one image ("embeddings/cosine_and_projection":
+  the three cosine heatmaps and the projection) to the clu `writer`."""
   n = config.eval.embedding_images
   if n <= 0:
     return None
@@ -418,12 +418,8 @@ def log_embeddings(config, params, batch_stats, writer, step: int) -> Optional[d
   writer.write_scalars(step, {f"embeddings/{k}": v for k, v in result["scalars"].items()
                               if math.isfinite(v)})
   names = labels_lib.class_names(config.num_classes)
-  writer.write_images(step, {
-      "embeddings/cosine": embedding_plots.figure_array(embedding_plots.cosine_figure(result,
-                                                                                      names)),
-      "embeddings/projection": embedding_plots.figure_array(
-          embedding_plots.projection_figure(result, names)),
-  })
+  writer.write_images(step, {"embeddings/cosine_and_projection": embedding_plots.figure_array(
+      embedding_plots.overview_figure(result, names, title=f"step {step}"))})
   return result
 
 
