@@ -82,15 +82,20 @@ def memory_only(config) -> dict:
   return out
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, cpu=None):
+  """(first wall seconds, median wall seconds); `cpu` (a list) gets the median CPU seconds of
+  this process (all threads), which a machine shared with other jobs inflates much less."""
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
-  times = []
+  times, cpu_times = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
+  if cpu is not None:
+    cpu.append(statistics.median(cpu_times))
   return first, statistics.median(times)
 
 
@@ -118,8 +123,9 @@ def run(config) -> dict:
   rep = flax.jax_utils.replicate(variables)
   p_eval = ts.make_p_eval_step(config)
   n, k = config.eval.embedding_images, config.eval.embedding_points_per_class
+  cpu = []
   eval_first, eval_s = timed(lambda: evaluation.evaluate(config, p_eval, rep["params"],
-                                                         rep["batch_stats"]), _REPEATS.value)
+                                                         rep["batch_stats"]), _REPEATS.value, cpu)
   last = {}
 
   from clu import metric_writers
@@ -127,7 +133,7 @@ def run(config) -> dict:
 
   def diagnostics():
     last["r"] = embeddings.log_embeddings(config, rep["params"], rep["batch_stats"], writer, 0)
-  emb_first, emb_s = timed(diagnostics, _REPEATS.value)
+  emb_first, emb_s = timed(diagnostics, _REPEATS.value, cpu)
   num_points = len(last["r"]["projection"]["points"])
   return {
       "eval_images": input_pipeline.num_examples(e.name, e.builder_config, e.split,
@@ -136,6 +142,9 @@ def run(config) -> dict:
       "eval_s": round(eval_s, 3), "eval_first_s": round(eval_first, 1),
       "embeddings_s": round(emb_s, 3), "embeddings_first_s": round(emb_first, 1),
       "on_over_off": round((eval_s + emb_s) / eval_s, 3),
+      "eval_cpu_s": round(cpu[0], 3), "embeddings_cpu_s": round(cpu[1], 3),
+      "on_over_off_cpu": round((cpu[0] + cpu[1]) / cpu[0], 3),
+      "load_average_1min": os.getloadavg()[0],
       "projection_points": num_points,
       "measure_s": round(last["r"]["seconds"], 3),
       "pca_s": round(last["r"]["projection"]["seconds"], 4),
