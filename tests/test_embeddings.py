@@ -260,3 +260,17 @@ def test_pca_matches_the_exact_svd():
   _, s, vt = np.linalg.svd(xc, full_matrices=False)
   np.testing.assert_allclose(ev, s[:2] ** 2 / np.sum(s ** 2), rtol=1e-9)
   np.testing.assert_allclose(np.abs(points), np.abs(xc @ vt[:2].T), atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("embedding_images", -1, "must be an int >= 0 (images per domain; 0 = off)"),
+    ("embedding_points_per_class", 0, "must be an int >= 1")])
+def test_config_keys_validated(key, value, why):
+  from udajax import configuration
+  c = importlib.import_module("configs.demo").get_config()
+  c.eval[key] = value
+  with pytest.raises(configuration.ConfigError, match=f"config key 'eval.{key}' = {value}: "
+                     + why.replace("(", r"\(").replace(")", r"\)")):
+    configuration.validate_config(c)
+  c.eval[key] = 0 if key == "embedding_images" else 1
+  configuration.validate_config(c)
