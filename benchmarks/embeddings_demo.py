@@ -26,7 +26,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 
-ROWS = (("orthogonality/source", "orthogonality, source: mean off-diagonal |cos| (lower = more "
+ROWS = (("orthogonality/source", "orthogonality, source: mean off-diagonal \\|cos\\| (lower = more "
          "orthogonal)"),
         ("orthogonality/target", "orthogonality, target"),
         ("alignment", "alignment: mean same-class source-vs-target cos (higher = shared)"),
