@@ -76,7 +76,7 @@ def main():
     config.seed = seed
     for name, ckpt in (("source_only", os.path.join(w, "source_only")), ("adapted", w)):
       out = os.path.join(args.output, run, name)
-      title = f"demo seed {seed}, {name.replace('_', '-')} model ({ckpt})"
+      title = f"demo seed {seed}, {name.replace('_', '-')} model"
       records.setdefault(run, {})[name] = embeddings.measure_checkpoint(
           copy.deepcopy(config), ckpt, out, which="latest", num_images=args.num_images,
           title=title)
