@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size_per_device = 1
   c.eval.every_steps = 2500
   c.eval.num_images_to_log = 4
+  # Feature-space diagnostics at every evaluation (udajax/embeddings.py, docs/EMBEDDINGS.md):
+  # images per domain (0 = off) and the projection sample's cap per class and domain.
+  c.eval.embedding_images = 16
+  c.eval.embedding_points_per_class = 100
 
   c.train = ml_collections.ConfigDict()
   c.train.mode = "uda"
@@ -173,6 +177,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     need(t[key] >= 1, f"train.{key}", "must be >= 1")
   need(config.eval.every_steps >= 1, "eval.every_steps", "must be >= 1")
+  need(isinstance(config.eval.embedding_images, int) and config.eval.embedding_images >= 0,
+       "eval.embedding_images", "must be an int >= 0 (images per domain; 0 = off)")
+  need(isinstance(config.eval.embedding_points_per_class, int)
+       and config.eval.embedding_points_per_class >= 1, "eval.embedding_points_per_class",
+       "must be an int >= 1")
   need(t.on_nan in ON_NAN, "train.on_nan", f"must be one of {ON_NAN}")
   need(t.warmup_source_only_steps >= 0, "train.warmup_source_only_steps", "must be >= 0")
   loss = config.loss

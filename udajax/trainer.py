@@ -28,6 +28,7 @@ import numpy as np
 from udajax import checkpoints
 from udajax import configuration
 from udajax import data
+from udajax import embeddings
 from udajax import evaluation
 from udajax import labels as labels_lib
 from udajax import metrics as metrics_lib
@@ -159,6 +160,7 @@ def evaluate_and_log(config, p_eval_step, rstate, writer, step: int) -> dict:
   writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items() if np.isfinite(v)})
   if panels is not None:
     writer.write_images(step, {"eval/input_label_prediction": panels})
+  embeddings.log_embeddings(config, rstate.params, rstate.batch_stats, writer, step)
   logging.info("step %d eval:\n%s", step, metrics_lib.format_table(
       {f"step {step}": summary}, labels_lib.class_names(config.num_classes)))
   return summary
