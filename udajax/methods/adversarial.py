@@ -58,14 +58,15 @@ class FCDiscriminator(nn.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     channels = [self.width, 2 * self.width, 4 * self.width, 8 * self.width, 1]
-    size = np.array(x.shape[1:3])
+    height, width = x.shape[1:3]
+    size = np.array([height, width])
     for i, (ch, stride) in enumerate(zip(channels, self.strides)):
       size = (size + 2 - 4) // stride + 1
       if np.any(size < 1):
         raise ConfigError(
             f"config key 'adaptation.disc_strides' = {tuple(self.strides)!r}: the "
             f"discriminator's layer {i + 1} gets no output from features of "
-            f"{x.shape[1]}x{x.shape[2]} positions; use larger images or more stride-1 layers")
+            f"{height}x{width} positions; use larger images or more stride-1 layers")
       fan_in = 16 * x.shape[-1]
       x = nn.Conv(ch, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
                   kernel_init=nn.initializers.variance_scaling(1.0 / 3, "fan_in", "uniform"),
