@@ -90,11 +90,14 @@ def slug(name: str) -> str:
   return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
-def run(seeds, workdir, out, ablation=False):
+def run(seeds, workdir, out, ablation=False, overrides=()):
   from absl import logging
   from udajax import trainer
   logging.set_verbosity(logging.WARNING)
   base = demo.get_config()
+  for item in overrides:  # "train.num_steps=20" (a quick check of the script itself)
+    key, value = item.split("=", 1)
+    _set(base, key, type(base[key.split(".")[0]][key.split(".")[1]])(value))
   results, times = {}, {}  # name -> list over seeds
   start = time.time()
   record = os.path.join(workdir, "results.json")
@@ -156,8 +159,11 @@ def main():
   p.add_argument("--out", default="")
   p.add_argument("--ablation", action="store_true",
                  help="the ablation of the paper's terms instead of the table's rows")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a demo config key, e.g. --set=train.num_steps=20")
   a = p.parse_args()
-  run([int(s) for s in a.seeds.split(",")], a.workdir, a.out, ablation=a.ablation)
+  run([int(s) for s in a.seeds.split(",")], a.workdir, a.out, ablation=a.ablation,
+      overrides=a.set)
 
 
 if __name__ == "__main__":
