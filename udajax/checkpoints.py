@@ -134,8 +134,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
     raise CheckpointError(
         f"cannot resume from checkpoint step {step} in {manager.directory}: {type(e).__name__}: "
         f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, "
-        "loss.centroid_smoothing, adaptation.method), use a new --workdir; if the step is damaged, delete it to "
-        "resume from an earlier one") from e
+        "loss.centroid_smoothing, adaptation.method), use a new --workdir; if the step is "
+        "damaged, delete it to resume from an earlier one") from e
   return state.replace(**tree)
 
 
