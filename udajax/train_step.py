@@ -169,7 +169,8 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, sche
     batch: as `loss_and_grads`.
   Returns:
     (new_state, metrics) where metrics holds every loss term (global values), the lr, and
-    "finite" (1.0, or 0.0 when the loss or a gradient was NaN/Inf and the update was not applied).
+    "finite" (1.0, or 0.0 when a loss term, a gradient or the method's new state was NaN/Inf
+    and the update was not applied).
   """
   (terms, batch_stats, updates), grads = loss_and_grads(
       state, batch, config=config, axis_name=axis_name)
