@@ -122,6 +122,25 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainState, 
                metrics=None if score is None else {BEST_METRIC: score}, force=force)
 
 
+def optimizer_of(opt_state) -> str:
+  """"reference_sgd" or "sgd" (the config value that builds an optimiser state of this layout)."""
+  keys = opt_state.keys() if isinstance(opt_state, dict) else getattr(opt_state, "_fields", ())
+  if "inner_states" in keys:
+    return "sgd"  # optax.multi_transform: the textbook SGD per lr group
+  if "trace" in keys and "count" in keys:
+    return "reference_sgd"
+  return ""
+
+
+def saved_optimizer(manager: ocp.CheckpointManager, step: int) -> str:
+  """The optimiser that wrote checkpoint `step` ("" if its metadata cannot be read)."""
+  try:
+    tree = manager.item_metadata(step).tree
+    return optimizer_of(tree["opt_state"])
+  except Exception:  # noqa: BLE001  (a damaged checkpoint: the caller's message covers it)
+    return ""
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainState):
   """Restores checkpoint `step` into `state`'s structure (CheckpointError if it does not fit).
 
@@ -131,11 +150,17 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:  # orbax raises many types for a damaged or mismatching checkpoint.
+    saved, wanted = saved_optimizer(manager, step), optimizer_of(state.opt_state)
+    if saved and wanted and saved != wanted:
+      raise CheckpointError(
+          f"cannot resume from checkpoint step {step} in {manager.directory}: it was written "
+          f"with --config.train.optimizer={saved} and this run uses {wanted}; pass "
+          f"--config.train.optimizer={saved} to continue that run, or use a new --workdir") from e
     raise CheckpointError(
         f"cannot resume from checkpoint step {step} in {manager.directory}: {type(e).__name__}: "
         f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, "
-        "loss.centroid_smoothing, adaptation.method), use a new --workdir; if the step is "
-        "damaged, delete it to resume from an earlier one") from e
+        "train.optimizer, loss.centroid_smoothing, adaptation.method), use a new --workdir; if "
+        "the step is damaged, delete it to resume from an earlier one") from e
   return state.replace(**tree)
 
 

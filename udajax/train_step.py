@@ -64,7 +64,7 @@ def frozen_prefixes(config):
 def create_optimizer(config):
   t = config.train
   return optim.make_optimizer(
-      learning_rate=t.lr, num_steps=t.num_steps, momentum=t.momentum,
+      learning_rate=t.lr, num_steps=t.num_steps, optimizer=t.optimizer, momentum=t.momentum,
       weight_decay=t.weight_decay, poly_power=t.poly_power, head_lr_mult=t.head_lr_mult,
       frozen_prefixes=frozen_prefixes(config))
 
