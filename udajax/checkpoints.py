@@ -103,9 +103,16 @@ def complete_steps(manager: ocp.CheckpointManager) -> List[int]:
 
 
 def state_tree(state: ts.TrainState) -> dict:
-  """The saved part of a TrainState (everything but the functions)."""
-  return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
+  """The saved part of a TrainState (everything but the functions).
+
+  "method_state" (e.g. the adversarial discriminator) only when the method has one, so that
+  checkpoints of methods without it keep the layout they had before it existed.
+  """
+  tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
           "step": state.step, "centroid_state": state.centroid_state, "rng": state.rng}
+  if state.method_state is not None:
+    tree["method_state"] = state.method_state
+  return tree
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainState, *,
@@ -151,9 +158,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
           f"--config.train.optimizer={saved} to continue that run, or use a new --workdir") from e
     raise CheckpointError(
         f"cannot resume from checkpoint step {step} in {manager.directory}: {type(e).__name__}: "
-        f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, train.optimizer, "
-        "loss.centroid_smoothing), use a new --workdir; if the step is damaged, delete it to "
-        "resume from an earlier one") from e
+        f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, "
+        "train.optimizer, loss.centroid_smoothing, adaptation.method), use a new --workdir; if "
+        "the step is damaged, delete it to resume from an earlier one") from e
   return state.replace(**tree)
 
 

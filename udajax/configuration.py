@@ -17,6 +17,7 @@ MODES = ("uda", "source_only")
 DTYPES = ("float32", "bfloat16")
 ON_NAN = ("stop", "skip")
 SOURCE_ASSIGNMENTS = ("predictions", "labels")
+METHODS = ("clustering", "minent", "maxsquare", "adversarial")  # = udajax.methods.METHODS
 OPTIMIZERS = ("reference_sgd", "sgd")  # = udajax.optim.OPTIMIZERS (kept here: no jax import)
 
 
@@ -108,6 +109,18 @@ def base_config() -> ml_collections.ConfigDict:
   # paper's runs: --use_source_gt is not passed) or "labels" (reference --use_source_gt).
   c.loss.source_assignment = "predictions"
   c.loss.centroid_smoothing = -1.0  # < 0: off; else alpha in [0, 1]
+
+  # The UDA objective on top of the source cross-entropy (udajax/methods, docs/METHODS.md):
+  # "clustering" (the paper: config.loss.*), "minent", "maxsquare" (config.loss.lambda_em and
+  # iw_ratio), "adversarial". Keys of the other methods are ignored.
+  c.adaptation = ml_collections.ConfigDict()
+  c.adaptation.method = "clustering"
+  c.adaptation.lambda_ent = 1e-3  # minent: ADVENT's LAMBDA_ENT_MAIN
+  c.adaptation.lambda_adv = 1e-3  # adversarial: AdaptSegNet's lambda_adv of its last level
+  c.adaptation.disc_lr = 1e-4  # adversarial: the discriminator's Adam (AdaptSegNet)
+  c.adaptation.disc_betas = (0.9, 0.99)
+  c.adaptation.disc_width = 64  # channels of its first layer (64-128-256-512-1)
+  c.adaptation.disc_strides = (2, 2, 2, 2, 2)  # its five 4x4 convolutions
   # Locked: assigning a key that does not exist (a typo in a config file or an override) fails
   # at once, naming the key and the keys that exist.
   c.lock()
@@ -194,3 +207,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"must be one of {SOURCE_ASSIGNMENTS}")
   need(loss.centroid_smoothing < 0 or loss.centroid_smoothing <= 1, "loss.centroid_smoothing",
        "must be < 0 (off) or in [0, 1]")
+  a = config.adaptation
+  need(a.method in METHODS, "adaptation.method", f"must be one of {METHODS}")
+  for key in ("lambda_ent", "lambda_adv"):
+    need(a[key] >= 0, f"adaptation.{key}", "loss weights must be >= 0")
+  need(a.disc_lr > 0, "adaptation.disc_lr", "must be positive")
+  need(len(a.disc_betas) == 2 and all(0 <= b < 1 for b in a.disc_betas), "adaptation.disc_betas",
+       "must be two numbers in [0, 1)")
+  need(a.disc_width >= 1, "adaptation.disc_width", "must be >= 1")
+  need(len(a.disc_strides) == 5 and all(s in (1, 2) for s in a.disc_strides),
+       "adaptation.disc_strides", "must be five strides, each 1 or 2")

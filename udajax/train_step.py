@@ -21,6 +21,7 @@ import optax
 from flax.training import train_state as flax_train_state
 
 from udajax import losses
+from udajax import methods
 from udajax import metrics as metrics_lib
 from udajax import models
 from udajax import ops
@@ -30,10 +31,15 @@ AXIS = "batch"
 
 
 class TrainState(flax_train_state.TrainState):
-  """params, opt_state and step (from flax) plus BN statistics, centroid state and an RNG key."""
+  """params, opt_state, step (flax), BN statistics, adaptation-method state, an RNG key.
+
+  The method's state (`udajax.methods`) lives in `centroid_state` ("clustering") or
+  `method_state` (others, e.g. the adversarial discriminator's params and Adam state).
+  """
   batch_stats: Any = None
   centroid_state: Any = None
   rng: Any = None
+  method_state: Any = None
 
 
 def create_model(config, *, axis_name=AXIS) -> models.DeepLabV2:
@@ -83,14 +89,15 @@ def create_train_state(config, variables, rng) -> TrainState:
   """A TrainState from model variables (numpy or jax arrays)."""
   tx, _ = create_optimizer(config)
   model = create_model(config)
-  centroid_state = None
-  if config.train.mode == "uda" and config.loss.centroid_smoothing >= 0:
-    centroid_state = losses.init_centroid_state(config.num_classes, feature_dim(config))
+  method, method_state = methods.get(config), {}
+  if config.train.mode == "uda":
+    method_state = {method.STATE_FIELD: method.init_state(
+        config, functools.partial(feature_dim, config), jax.random.fold_in(rng, 1))}
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=tx,
       batch_stats=jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {})),
-      centroid_state=centroid_state, rng=rng)
+      rng=rng, **method_state)
 
 
 def unreplicate(tree):
@@ -118,57 +125,36 @@ def loss_and_grads(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, 
     batch: "source_image" (B, Hs, Ws, 3), "source_label" (B, Hs, Ws) int32 and, in UDA mode,
       "target_image" (B, Ht, Wt, 3).
   Returns:
-    ((terms, batch_stats, centroid_state), grads): the loss terms (global values, float32),
-    the BN statistics after the source then the target forward, the new centroid state (or
-    None), and the gradient of "total" w.r.t. `state.params` from this device's images (its
-    `psum` over devices is the global-batch gradient).
+    ((terms, batch_stats, updates), grads): the loss terms (global values, float32), the BN
+    statistics after the source then the target forward, the adaptation method's new state as
+    {its TrainState field: value} (empty in source-only mode), and the gradient of "total"
+    w.r.t. `state.params` from this device's images (its `psum` over devices is the
+    global-batch gradient). The UDA terms come from `config.adaptation.method`
+    (`udajax.methods`): total = ce + sum of lambda * term over the method's weighted terms.
   """
-  lc = config.loss
-  uda = config.train.mode == "uda"
-  use_feat = uda and (lc.lambda_cl > 0 or lc.lambda_or > 0 or lc.lambda_sp > 0)
-  use_em = uda and lc.lambda_em > 0
-  smoothing = lc.centroid_smoothing if (use_feat and lc.centroid_smoothing >= 0) else None
+  method = methods.get(config)
 
   def loss_fn(params):
     (logits_s, feat_s), mutated = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["source_image"],
         train=True, mutable=["batch_stats"])
     terms = {"ce": losses.cross_entropy(logits_s, batch["source_label"], axis_name=axis_name)}
-    total = terms["ce"]
-    centroid_state = state.centroid_state
-    if uda:
+    total, updates = terms["ce"], {}
+    if config.train.mode == "uda":
       # The target forward starts from the BN statistics the source forward just updated.
       (logits_t, feat_t), mutated = state.apply_fn(
           {"params": params, "batch_stats": mutated["batch_stats"]}, batch["target_image"],
           train=True, mutable=["batch_stats"])
-      prob_t = _softmax(logits_t)
-      if use_em:
-        terms["em"] = losses.iw_max_square_loss(prob_t, lc.iw_ratio, axis_name=axis_name)
-        total = total + lc.lambda_em * terms["em"]
-      if use_feat:
-        reg = losses.feature_regularization(
-            feat_s.astype(jnp.float32), _softmax(logits_s), feat_t.astype(jnp.float32), prob_t,
-            num_classes=config.num_classes, cluster_norm_order=lc.cluster_norm_order,
-            ortho_temperature=lc.ortho_temperature, sparsity_rho=lc.sparsity_rho,
-            sparsity_power=lc.sparsity_power,
-            source_labels=batch["source_label"] if lc.source_assignment == "labels" else None,
-            axis_name=axis_name, centroid_smoothing=smoothing,
-            centroid_state=state.centroid_state if smoothing is not None else None)
-        if smoothing is not None:
-          centroid_state = reg["centroid_state"]
-        if lc.lambda_cl > 0:
-          for k in ("c_dist", "f_dist_source", "f_dist_target"):
-            terms[k] = reg[k]
-          terms["clustering"] = reg["f_dist_source"] + reg["f_dist_target"] - reg["c_dist"]
-          total = total + lc.lambda_cl * terms["clustering"]
-        if lc.lambda_or > 0:
-          terms["orthogonality"] = reg["ortho_loss"]
-          total = total + lc.lambda_or * terms["orthogonality"]
-        if lc.lambda_sp > 0:
-          terms["sparsity"] = reg["sparse_loss"]
-          total = total + lc.lambda_sp * terms["sparsity"]
+      outputs = methods.StepOutputs(logits_s, _softmax(logits_s), feat_s, logits_t,
+                                    _softmax(logits_t), feat_t, batch["source_label"])
+      out = method.loss_terms(outputs, getattr(state, method.STATE_FIELD), config=config,
+                              step=state.step, axis_name=axis_name)
+      terms.update(out.terms)
+      for name, weight in out.weights.items():
+        total = total + weight * out.terms[name]
+      updates = {method.STATE_FIELD: out.state}
     terms["total"] = total
-    return total, (terms, mutated["batch_stats"], centroid_state)
+    return total, (terms, mutated["batch_stats"], updates)
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return aux, grads
@@ -183,18 +169,18 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, sche
     batch: as `loss_and_grads`.
   Returns:
     (new_state, metrics) where metrics holds every loss term (global values), the lr, and
-    "finite" (1.0, or 0.0 when the loss or a gradient was NaN/Inf and the update was not applied).
+    "finite" (1.0, or 0.0 when a loss term, a gradient or the method's new state was NaN/Inf
+    and the update was not applied).
   """
-  (terms, batch_stats, centroid_state), grads = loss_and_grads(
+  (terms, batch_stats, updates), grads = loss_and_grads(
       state, batch, config=config, axis_name=axis_name)
   grads = jax.lax.psum(grads, axis_name)
   batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  finite = jnp.logical_and(_all_finite(terms), _all_finite(grads))
+  finite = _all_finite((terms, grads, updates))
 
   rng, _ = jax.random.split(state.rng)
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats,
-                                  centroid_state=centroid_state, rng=rng)
-  # A NaN/Inf step leaves params, momentum, BN and centroid state untouched; the step and the
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, rng=rng, **updates)
+  # A NaN/Inf step leaves params, momentum, BN and method state untouched; the step and the
   # optimiser's schedule counters still advance, so the lr stays a function of the step.
   skipped = state.replace(step=updated.step, rng=rng,
                           opt_state=optax.tree_utils.tree_set(state.opt_state, count=updated.step))
