@@ -11,6 +11,11 @@ Work directory layout:
 A restarted job resumes exactly (same data order, augmentation, RNG and centroid state). SIGTERM
 finishes the current step, saves a checkpoint and raises `preemption.Preempted`; a NaN/Inf loss
 raises `errors.TrainingDiverged` or skips the update (`train.on_nan`). See docs/RESILIENCE.md.
+
+The host dispatches steps without waiting for them: each step's metrics go to an on-device log
+window (`log_window`), fetched only at log, eval and checkpoint steps and on preemption, where a
+non-finite step stops the run (naming that step) before anything is saved. The state is placed
+with `train_step.replicate`, so the step compiles once per run (the count is logged).
 """
 
 import copy
