@@ -13,6 +13,7 @@ import pytest
 from tests import train_cli
 from udajax import checkpoints
 from udajax import trainer
+from udajax.errors import TrainingDiverged
 
 DIVERGE = {"train.lr": 1e8, "train.num_steps": 6}
 
@@ -64,3 +65,19 @@ def test_skip_on_nan_continues_and_counts(demo_data_dir, tmp_path):
       continue
     np.testing.assert_array_equal(flat6[key], flat5[key], err_msg=key)
   assert all(np.all(np.isfinite(v)) for k, v in flat6.items() if k != "['rng']")
+
+
+def test_stop_found_at_the_next_save_names_the_first_bad_step(demo_data_dir, tmp_path):
+  """The loop fetches its on-device log window only at log / eval / checkpoint steps: with step 3
+  non-finite, a log every 5 steps and a checkpoint every 2, the run stops at step 4's save,
+  names step 3 and saves nothing after step 2."""
+  work = str(tmp_path / "run")
+  c = train_cli.config(demo_data_dir, **{**DIVERGE, "train.log_every_steps": 5,
+                                         "train.checkpoint_every_steps": 2})
+  with pytest.raises(TrainingDiverged) as e:
+    trainer.train_and_evaluate(c, work)
+  message = str(e.value)
+  assert message.startswith("training diverged: non-finite loss at step 3: "), message
+  assert "total=nan" in message and "ce=nan" in message, message
+  assert f"the last good checkpoint is step 2 in {work}/checkpoints" in message, message
+  assert train_cli.complete_steps(work) == [2]

@@ -112,6 +112,9 @@ def test_two_processes_match_one_process_and_preempt_together(demo_data_dir, tmp
   logs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
   assert rcs == [0, 0], [log[-3000:] for log in logs]
   assert all("Traceback" not in log for log in logs)
+  # Each process compiled its train step once (logged by the trainer when the run ends).
+  assert all("train step compiled 1 time(s) in this run" in log for log in logs), [
+      re.findall(r"train step compiled \d+ time", log) for log in logs]
   stops = [int(re.search(r"preempted: stopped at step (\d+)", log).group(1)) for log in logs]
   s = stops[0]
   assert stops == [s, s] and 2 <= s < train_cli.TINY["train.num_steps"], stops

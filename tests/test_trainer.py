@@ -1,4 +1,14 @@
-"""End to end: train_and_evaluate on the demo data with a tiny model; logs, checkpoints, resume."""
+"""End to end: train_and_evaluate on the demo data with a tiny model; logs, checkpoints, resume,
+and one compilation of the train step per run (fresh, resumed, each stage of a warm-up run).
+
+The compilations are counted with `udajax.compiles.CompileCounter` around the calls of each
+built train step: every XLA compilation inside them counts, a persistent-cache hit too (it still
+means the step was traced and lowered again). Before `train_step.replicate`, the second call
+compiled again: the state made by `flax.jax_utils.replicate` sat on a mesh axis named
+"_device_put_sharded", the state the step returns on the pmap's axis "batch".
+"""
+
+import contextlib
 
 import glob
 import importlib
@@ -9,19 +19,33 @@ import jax
 import numpy as np
 import pytest
 
+from tests import train_cli
 from udajax import checkpoints
-from udajax import datasets
+from udajax import compiles
 from udajax import evaluation
 from udajax import labels
+from udajax import log_window
 from udajax import metrics
 from udajax import trainer
 
 
 @pytest.fixture(scope="module")
 def demo_data_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  datasets.ensure_demo_built(data_dir)
-  return data_dir
+  return train_cli.demo_data_dir(tmp_path_factory)  # one demo build per test session
+
+
+@pytest.fixture
+def step_compiles(monkeypatch):
+  """[(train.mode, compilations)] of every train step the trainer builds, in order."""
+  runs = []
+  real = log_window.make_p_train_step
+  with contextlib.ExitStack() as stack:
+    def counted(config, devices=None):
+      counter = stack.enter_context(compiles.CompileCounter())
+      runs.append((config.train.mode, counter))
+      return counter.wrap(real(config, devices))
+    monkeypatch.setattr(log_window, "make_p_train_step", counted)
+    yield lambda: [(mode, c.count) for mode, c in runs]
 
 
 def tiny_demo_config(data_dir, **train):
@@ -54,7 +78,7 @@ def final_params(workdir):
   return checkpoints.load_workdir_variables(workdir)["params"]
 
 
-def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path):
+def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path, step_compiles):
   full = str(tmp_path / "full")
   result = trainer.train_and_evaluate(tiny_demo_config(demo_data_dir), full)
   assert 0.0 <= result["mIoU"] <= 100.0 and "IoU/road" in result
@@ -75,9 +99,11 @@ def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path):
   a, b = final_params(full), final_params(part)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     assert np.max(np.abs(x - y)) <= 1e-6 * max(np.max(np.abs(x)), 1e-12)
+  # One compilation per run: the fresh run, the stopped one and the resumed one.
+  assert step_compiles() == [("uda", 1)] * 3, step_compiles()
 
 
-def test_warmup_stage_then_adaptation(demo_data_dir, tmp_path):
+def test_warmup_stage_then_adaptation(demo_data_dir, tmp_path, step_compiles):
   """Two stages on copies of the config: the caller's config is left as it was."""
   config = tiny_demo_config(demo_data_dir, num_steps=2, warmup_source_only_steps=2)
   config.eval.every_steps = 2
@@ -93,6 +119,7 @@ def test_warmup_stage_then_adaptation(demo_data_dir, tmp_path):
   assert adapted["train"]["mode"] == "uda"
   source = json.load(open(tmp_path / "demo" / "source_only" / "config.json"))
   assert source["train"]["mode"] == "source_only" and source["train"]["num_steps"] == 2
+  assert step_compiles() == [("source_only", 1), ("uda", 1)], step_compiles()
 
 
 def test_best_checkpoint_kept_across_restarts_and_selected(tmp_path):

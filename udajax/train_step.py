@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict
 import jax
 import jax.numpy as jnp
 import optax
+from flax import jax_utils
 from flax.training import train_state as flax_train_state
 
 from udajax import losses
@@ -108,6 +109,18 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
+def replicate(tree, devices=None, axis_name=AXIS):
+  """`tree` stacked on a leading device axis over `devices` (default: the local devices).
+
+  The arrays get the sharding a pmap over `axis_name` returns (a mesh with that axis name), so
+  the state the train step returns is placed exactly like the state it was first called with
+  and the step compiles once. `flax.jax_utils.replicate` names the mesh axis
+  "_device_put_sharded" instead: the returned state then differs from the first one in its
+  sharding alone, and the second call traces, lowers and compiles the step again.
+  """
+  return jax_utils.replicate(tree, devices=devices, axis_name=axis_name)
+
+
 def _softmax(logits):
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -191,14 +204,19 @@ def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, sche
   return new_state, out
 
 
+def make_train_step(config, axis_name=AXIS):
+  """The per-device train step `(state, batch) -> (state, metrics)` of `config` (to be pmapped)."""
+  _, schedule = create_optimizer(config)
+  return functools.partial(train_step, config=config, schedule=schedule, axis_name=axis_name)
+
+
 def make_p_train_step(config, axis_name=AXIS, devices=None, donate=True):
   """The pmapped train step over `devices` (default: all local devices).
 
-  The model is the state's `apply_fn` (see `create_train_state`).
+  The model is the state's `apply_fn` (see `create_train_state`). Call it with a state placed
+  by `replicate` (one compilation).
   """
-  _, schedule = create_optimizer(config)
-  step = functools.partial(train_step, config=config, schedule=schedule, axis_name=axis_name)
-  return jax.pmap(step, axis_name=axis_name, devices=devices,
+  return jax.pmap(make_train_step(config, axis_name), axis_name=axis_name, devices=devices,
                   donate_argnums=(0,) if donate else ())
 
 

@@ -11,6 +11,11 @@ Work directory layout:
 A restarted job resumes exactly (same data order, augmentation, RNG and centroid state). SIGTERM
 finishes the current step, saves a checkpoint and raises `preemption.Preempted`; a NaN/Inf loss
 raises `errors.TrainingDiverged` or skips the update (`train.on_nan`). See docs/RESILIENCE.md.
+
+The host dispatches steps without waiting for them: each step's metrics go to an on-device log
+window (`log_window`), fetched only at log, eval and checkpoint steps and on preemption, where a
+non-finite step stops the run (naming that step) before anything is saved. The state is placed
+with `train_step.replicate`, so the step compiles once per run (the count is logged).
 """
 
 import copy
@@ -18,7 +23,6 @@ import os
 
 from absl import logging
 from clu import metric_writers
-from clu import metrics
 from clu import periodic_actions
 import flax
 import jax
@@ -26,11 +30,13 @@ import ml_collections
 import numpy as np
 
 from udajax import checkpoints
+from udajax import compiles
 from udajax import configuration
 from udajax import data
 from udajax import embeddings
 from udajax import evaluation
 from udajax import labels as labels_lib
+from udajax import log_window
 from udajax import metrics as metrics_lib
 from udajax import train_step as ts
 from udajax.errors import TrainingDiverged
@@ -87,9 +93,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step == 0:
     writer.write_hparams(flat_hparams(config))
 
-  p_train_step = ts.make_p_train_step(config)
+  p_train_step = log_window.make_p_train_step(config)
   p_eval_step = ts.make_p_eval_step(config)
-  rstate = flax.jax_utils.replicate(state)
+  rstate = ts.replicate(state)
   del state
   batches = flax.jax_utils.prefetch_to_device(data.train_batches(config, start_step), 2)
   report = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer,
@@ -97,39 +103,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Training %s from step %d to %d on %d devices (%d processes)", t.mode, start_step,
                last_step, jax.device_count(), jax.process_count())
 
-  window, skipped, summary = None, 0, None
-  with PreemptionNotice() as notice:
-    for step in range(start_step + 1, last_step + 1):  # `step` = steps done after this one
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        rstate, step_metrics = p_train_step(rstate, next(batches))
-      step_metrics = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], step_metrics))
-      finite = bool(step_metrics.pop("finite") > 0)
-      if not finite:
-        skipped += 1
-        _non_finite_step(config, manager, writer, step, step_metrics)
-      window = _merge_window(window, step_metrics, finite)
-      report(step)
+  # The host dispatches steps ahead and fetches the on-device log window only where it logs,
+  # evaluates or saves; a non-finite step found there stops the run before anything is saved.
+  summary = None
+  with PreemptionNotice() as notice, compiles.CompileCounter() as compiled:
+    step_fn = compiled.wrap(p_train_step)
+    window = ts.replicate(log_window.empty())
+    try:
+      for step in range(start_step + 1, last_step + 1):  # `step` = steps done after this one
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          rstate, step_metrics, window = step_fn(rstate, next(batches), window)
+        report(step)
 
-      if step % t.log_every_steps == 0 or step == last_step:
-        scalars = {f"train/{k}": float(v) for k, v in window.compute().items()}
-        writer.write_scalars(step, dict(scalars, **{"train/skipped_steps": skipped}))
-        window, skipped = None, 0
+        log_now = step % t.log_every_steps == 0 or step == last_step
+        eval_now = step % config.eval.every_steps == 0 or step == last_step
+        save_now = eval_now or step % t.checkpoint_every_steps == 0
+        if log_now or save_now:
+          fetched = _checked_window(config, manager, writer, window, step_metrics)
+        if log_now:
+          _warn_skipped(fetched)
+          scalars = {f"train/{k}": v for k, v in fetched.averages.items()}
+          writer.write_scalars(step, dict(scalars, **{"train/skipped_steps": fetched.skipped}))
+          window = ts.replicate(log_window.empty())
 
-      score = None
-      if step % config.eval.every_steps == 0 or step == last_step:
-        with report.timed("eval"):
-          summary = evaluate_and_log(config, p_eval_step, rstate, writer, step)
-        score = summary[evaluation.selection_metric(config.num_classes)]
-      if score is not None or step % t.checkpoint_every_steps == 0:
-        checkpoints.save_state(manager, step, _host_state(rstate), score=score)
+        score = None
+        if eval_now:
+          with report.timed("eval"):
+            summary = evaluate_and_log(config, p_eval_step, rstate, writer, step)
+          score = summary[evaluation.selection_metric(config.num_classes)]
+        if save_now:
+          checkpoints.save_state(manager, step, _host_state(rstate), score=score)
 
-      if step < last_step and notice.reached(manager, step):
-        if manager.latest_step() != step:
-          checkpoints.save_state(manager, step, _host_state(rstate), force=True)
-        manager.wait_until_finished()
-        writer.flush()
-        logging.warning("Preempted: checkpoint saved at step %d in %s", step, manager.directory)
-        raise Preempted(step, str(manager.directory))
+        if step < last_step and notice.reached(manager, step):
+          if not log_now:
+            _warn_skipped(_checked_window(config, manager, writer, window, step_metrics))
+          if manager.latest_step() != step:
+            checkpoints.save_state(manager, step, _host_state(rstate), force=True)
+          manager.wait_until_finished()
+          writer.flush()
+          logging.warning("Preempted: checkpoint saved at step %d in %s", step, manager.directory)
+          raise Preempted(step, str(manager.directory))
+    finally:
+      logging.info("train step compiled %d time(s) in this run", compiled.count)
   manager.wait_until_finished()
   writer.flush()
   if summary is None:  # resumed at the end: evaluate the final state once more
@@ -166,30 +181,32 @@ def evaluate_and_log(config, p_eval_step, rstate, writer, step: int) -> dict:
   return summary
 
 
-def _merge_window(window, step_metrics: dict, finite: bool):
-  """Adds one step's loss terms to the log window's averages (a skipped step counts in none)."""
-  collection = metrics.Collection.create(
-      **{k: metrics.Average.from_output(k) for k in step_metrics})
-  one = collection.single_from_model_output(
-      mask=np.array([finite]), **{k: np.array([v], np.float32) for k, v in step_metrics.items()})
-  return one if window is None else window.merge(one)
+def _checked_window(config, manager, writer, window, step_metrics) -> log_window.Summary:
+  """The fetched log window; stops the run if it holds a non-finite step and `on_nan` is stop."""
+  fetched = log_window.fetch(window, log_window.metric_names(step_metrics))
+  if fetched.first_bad_step and config.train.on_nan != "skip":
+    manager.wait_until_finished()
+    writer.flush()
+    good = manager.latest_step()
+    where = (f"the last good checkpoint is step {good} in {manager.directory}"
+             if good is not None else "no checkpoint was written yet")
+    raise TrainingDiverged(f"{_non_finite_message(fetched)}; {where}. Lower train.lr, or set "
+                           "train.on_nan='skip' to skip such updates")
+  return fetched
 
 
-def _non_finite_step(config, manager, writer, step: int, step_metrics: dict) -> None:
-  """A NaN/Inf loss or gradient (the update was not applied): stop or warn per `train.on_nan`."""
-  bad = sorted(k for k, v in step_metrics.items() if not np.isfinite(v))
-  what = ", ".join(f"{k}={step_metrics[k]}" for k in bad) if bad else "a gradient (losses finite)"
-  message = f"training diverged: non-finite loss at step {step}: {what}"
-  if config.train.on_nan == "skip":
-    logging.warning("%s; update skipped", message)
-    return
-  manager.wait_until_finished()
-  writer.flush()
-  good = manager.latest_step()
-  where = (f"the last good checkpoint is step {good} in {manager.directory}"
-           if good is not None else "no checkpoint was written yet")
-  raise TrainingDiverged(f"{message}; {where}. Lower train.lr, or set train.on_nan='skip' "
-                         "to skip such updates")
+def _non_finite_message(fetched: log_window.Summary) -> str:
+  values = fetched.first_bad
+  bad = sorted(k for k, v in values.items() if not np.isfinite(v))
+  what = ", ".join(f"{k}={values[k]}" for k in bad) if bad else "a gradient (losses finite)"
+  return f"training diverged: non-finite loss at step {fetched.first_bad_step}: {what}"
+
+
+def _warn_skipped(fetched: log_window.Summary) -> None:
+  """`train.on_nan` = skip: one warning per log window that skipped updates."""
+  if fetched.first_bad_step:
+    logging.warning("%s; update skipped (%d update(s) skipped in this log window)",
+                    _non_finite_message(fetched), fetched.skipped)
 
 
 def _host_state(rstate) -> ts.TrainState:

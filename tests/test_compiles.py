@@ -1,0 +1,47 @@
+"""The compile counter and the placement that makes the train step compile once.
+
+The trainer runs themselves (fresh, resumed, warm-up stage then adaptation) assert one train-step
+compilation per run in tests/test_trainer.py; tests/test_multihost.py checks each process's
+logged count.
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from udajax import compiles
+from udajax import train_step as ts
+
+
+def test_counter_counts_compilations_inside_wrapped_calls_only():
+  x = np.arange(4, dtype=np.float32)
+  with compiles.CompileCounter() as counter:
+    f = counter.wrap(jax.jit(lambda v: jnp.sin(v) * 3.0))
+    f(x)
+    f(x + 1)  # same shapes: no new compilation
+    f(x[:2])  # new shape: one more
+    jax.jit(lambda v: jnp.cos(v) - 1.0)(x)  # outside the wrapped calls: not counted
+  assert counter.count == 2, counter.names
+  assert all("lambda" in name for name in counter.names), counter.names
+  f(x[:3])  # after the context: the listener is gone
+  assert counter.count == 2
+
+
+def test_replicated_state_has_the_sharding_the_step_returns():
+  """`ts.replicate` places arrays like a pmap over ts.AXIS returns them (the mesh axis name is
+  part of the sharding), so the second call of a pmapped step reuses the first compilation;
+  `flax.jax_utils.replicate`'s default does not and costs a second one."""
+  x = {"a": np.arange(3, dtype=np.float32), "step": np.int32(0)}
+  for place, expected in ((ts.replicate, 1), (flax.jax_utils.replicate, 2)):
+    with compiles.CompileCounter() as counter:
+      step = counter.wrap(jax.pmap(lambda t: {"a": t["a"] * 2.0, "step": t["step"] + 1},
+                                   axis_name=ts.AXIS))
+      placed = place(x)
+      out = step(step(step(placed)))
+    assert counter.count == expected, (place, counter.names)
+    for a, b in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(out)):
+      assert (a.sharding == b.sharding) == (expected == 1), (a.sharding, b.sharding)
+    np.testing.assert_array_equal(np.asarray(out["a"]),
+                                  np.stack([x["a"] * 8.0] * jax.local_device_count()))
+    np.testing.assert_array_equal(np.asarray(out["step"]), [3] * jax.local_device_count())
