@@ -28,6 +28,7 @@ TINY = {
     "train.keep_checkpoints": 2,
     "eval.every_steps": 1000,
     "eval.num_images_to_log": 0,
+    "eval.embedding_images": 0,  # diagnostics are tested in tests/test_embeddings.py
     "loss.centroid_smoothing": 0.5,
 }
 
