@@ -47,7 +47,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 
 from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
@@ -231,7 +230,7 @@ def main(argv):
 
   devices = jax.local_devices()[:1]
   state = ts.create_train_state(config, initial, jax.random.PRNGKey(1))
-  state = flax.jax_utils.replicate(state, devices)
+  state = ts.replicate(state, devices)
   p_step = ts.make_p_train_step(config, devices=devices, donate=False)
   _, schedule = ts.create_optimizer(config)
 

@@ -12,6 +12,12 @@ the adapted model (`WORKDIR`), writing `OUTPUT/<run>/{source_only,adapted}/`; th
 Markdown table of the scalars per seed with their means, writes it with the raw numbers to
 `OUTPUT/table.md` and `OUTPUT/table.json`, and stacks the first run's two overview pictures
 (source-only above adapted) into `--image`.
+
+    python benchmarks/embeddings_demo.py --table_workdir=runs/demo_results \
+        --output=runs/demo_results/embeddings
+
+measures instead every row of `benchmarks/demo_results.py`'s table (`<workdir>/seed<N>/<row>`)
+and prints one line per row: each scalar's mean ± std over the seeds.
 """
 
 import argparse
@@ -55,9 +61,40 @@ def fmt(v):
   return "n/a" if v is None else f"{v:.3f}"
 
 
+def measure_table(table_workdir, output, num_images):
+  """The scalars of every demo-table row: {row: [record per seed]}, and the Markdown table."""
+  from benchmarks import demo_results
+  from configs import demo
+  from udajax import embeddings
+  with open(os.path.join(table_workdir, "results.json")) as f:
+    seeds = json.load(f)["seeds"]
+  records = {}
+  for seed in seeds:
+    for row, _ in demo_results.ROWS:
+      run = "source_only" if row == "source only" else demo_results.slug(row)
+      config = demo.get_config()
+      config.seed = seed
+      records.setdefault(row, []).append(embeddings.measure_checkpoint(
+          config, os.path.join(table_workdir, f"seed{seed}", run),
+          os.path.join(output, f"seed{seed}", run), which="latest", num_images=num_images,
+          title=f"demo seed {seed}, {row}"))
+  keys = [k for k, _ in ROWS]
+  lines = ["| row (mean ± std over seeds " + ",".join(map(str, seeds)) + ") | "
+           + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+  for row, recs in records.items():
+    cells = []
+    for k in keys:
+      v = [r["scalars"][k] for r in recs if r["scalars"][k] is not None]
+      cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a")
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  return records, "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdirs", required=True, help="comma-separated demo work directories")
+  parser.add_argument("--workdirs", default="", help="comma-separated demo work directories")
+  parser.add_argument("--table_workdir", default="",
+                      help="a benchmarks/demo_results.py work directory: measure every row")
   parser.add_argument("--output", required=True)
   parser.add_argument("--num_images", type=int, default=32)
   parser.add_argument("--image", default=None, help="the before/after picture (PNG) to write")
@@ -66,6 +103,17 @@ def main():
   from configs import demo
   from udajax import embeddings
   logging.set_verbosity(logging.WARNING)
+  if args.table_workdir:
+    records, table = measure_table(args.table_workdir, args.output, args.num_images)
+    print(table)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "table_rows.md"), "w") as f:
+      f.write(table + "\n")
+    with open(os.path.join(args.output, "table_rows.json"), "w") as f:
+      json.dump(records, f, indent=1)
+    return
+  if not args.workdirs:
+    parser.error("--workdirs or --table_workdir is required")
   workdirs = [w for w in args.workdirs.split(",") if w]
   records = {}  # run -> {"source_only": record, "adapted": record}
   for w in workdirs:

@@ -46,7 +46,7 @@ def replicated_state(config, scale_head=1.0):
   variables["params"]["classifier"] = jax.tree_util.tree_map(
       lambda x: scale_head * x, variables["params"]["classifier"])
   state = ts.create_train_state(config, variables, jax.random.PRNGKey(1))
-  return flax.jax_utils.replicate(state, jax.devices()[:1])
+  return ts.replicate(state, jax.devices()[:1])
 
 
 def float32_leaves(tree):

@@ -135,8 +135,8 @@ def test_pmap_step_equals_single_device_on_global_batch_sync_bn():
   devices = jax.devices()
   step4 = ts.make_p_train_step(config, devices=devices[:4], donate=False)
   step1 = ts.make_p_train_step(config, devices=devices[:1], donate=False)
-  s4 = flax.jax_utils.replicate(state, devices[:4])
-  s1 = flax.jax_utils.replicate(state, devices[:1])
+  s4 = ts.replicate(state, devices[:4])
+  s1 = ts.replicate(state, devices[:1])
   for _ in range(2):  # two steps: momentum and the BN/centroid state carried over are compared too
     s4, m4 = step4(s4, per_device(batch))
     s1, m1 = step1(s1, per_device(batch, 1))
@@ -260,7 +260,7 @@ def test_pmap_step_with_defaults_equals_reference():
   ref_step = jax.jit(lambda s, b: reference_step(s, b, config, NUM_DEVICES))
   for _ in range(2):
     batch = make_batch(4, rng, source_hw=(25, 33), target_hw=(17, 25))
-    s4, m4 = step4(flax.jax_utils.replicate(start, jax.devices()[:4]), per_device(batch))
+    s4, m4 = step4(ts.replicate(start, jax.devices()[:4]), per_device(batch))
     ref, terms, margin = ref_step(start, batch)
     assert float(margin) >= 1e-4, float(margin)
     assert np.all(np.asarray(m4["finite"]) == 1.0)
@@ -282,7 +282,7 @@ def test_frozen_stem_bn_and_zero_lambda_removes_term():
   state = ts.create_train_state(config, ts.init_variables(config, jax.random.PRNGKey(0)),
                                 jax.random.PRNGKey(1))
   step1 = ts.make_p_train_step(config, devices=jax.devices()[:1], donate=False)
-  new, m = step1(flax.jax_utils.replicate(state, jax.devices()[:1]),
+  new, m = step1(ts.replicate(state, jax.devices()[:1]),
                  per_device(make_batch(2, np.random.default_rng(1)), 1))
   assert "orthogonality" not in m and "sparsity" in m
   new = ts.unreplicate(new)
@@ -322,7 +322,7 @@ def test_nan_guard_skipped_steps_change_nothing_and_training_continues():
   def batch():
     return per_device(make_batch(4, rng, source_hw=(25, 33), target_hw=(17, 25)))
 
-  s1, m = step(flax.jax_utils.replicate(state, jax.devices()[:4]), batch())
+  s1, m = step(ts.replicate(state, jax.devices()[:4]), batch())
   assert np.all(np.asarray(m["finite"]) == 1.0)
   good = ts.unreplicate(s1)
   assert np.any(good.centroid_state.seen)

@@ -110,13 +110,8 @@ def unreplicate(tree):
 
 
 def replicate(tree, devices=None, axis_name=AXIS):
-  """`tree` stacked on a leading device axis over `devices` (default: the local devices).
-
-  The arrays get the sharding a pmap over `axis_name` returns (a mesh with that axis name), so
-  the state the train step returns is placed exactly like the state it was first called with
-  and the step compiles once. `flax.jax_utils.replicate` names the mesh axis
-  "_device_put_sharded" instead: the returned state then differs from the first one in its
-  sharding alone, and the second call traces, lowers and compiles the step again.
+  """`tree` stacked on a leading device axis with the sharding the pmapped step returns (mesh
+  axis `axis_name`; flax's default axis name "_device_put_sharded" made step 2 recompile).
   """
   return jax_utils.replicate(tree, devices=devices, axis_name=axis_name)
 
