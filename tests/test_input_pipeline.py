@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from tests import train_cli
 from udajax import datasets
 from udajax import errors
 from udajax import images
@@ -16,8 +17,8 @@ MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], np.float32)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds"))
-  assert datasets.ensure_demo_built(d) == d
+  d = train_cli.demo_data_dir(tmp_path_factory)  # the session's one demo build
+  assert datasets.ensure_demo_built(d) == d  # already built: returns the same folder
   return d
 
 

@@ -260,17 +260,16 @@ def test_baseline_configs_differ_from_the_paper_config_only_in_the_objective(nam
   assert c.adaptation.disc_lr == 1e-4 and tuple(c.adaptation.disc_betas) == (0.9, 0.99)
 
 
-def test_adversarial_training_logs_and_resumes_exactly(tmp_path):
+def test_adversarial_training_logs_and_resumes_exactly(tmp_path, tmp_path_factory):
   """train_and_evaluate on the demo data (tiny model, 4 devices x 1 image): the discriminator's
   loss and per-domain accuracy are logged; a run stopped at step 2 and resumed ends with the
   same segmenter params and the same discriminator params and Adam state as an uninterrupted
   run (bit for bit)."""
   from tests.test_trainer import event_tags, tiny_demo_config
+  from tests import train_cli
   from udajax import checkpoints
-  from udajax import datasets
   from udajax import trainer
-  data_dir = str(tmp_path / "tfds")
-  datasets.ensure_demo_built(data_dir)
+  data_dir = train_cli.demo_data_dir(tmp_path_factory)  # the session's one demo build
 
   def config(**train):
     c = tiny_demo_config(data_dir, num_steps=4, checkpoint_every_steps=2, log_every_steps=1,
