@@ -17,6 +17,9 @@ ResNets have small residual branches) and the same random batches (--source_size
   (`tests/torch10_sgd.py`, the version their code pins). With `--config.train.optimizer=sgd`
   the groups are de-duplicated first (each tensor listed once: the textbook SGD).
 - **ours**: `udajax.train_step.make_p_train_step` with the config's optimiser, on one device.
+- `--float64_reference` also steps a float64 copy of theirs (same groups, the same torch-1.0
+  transcription) and measures ours and theirs, both float32, against it: how close each float32
+  implementation is to the exact trajectory.
 - `--installed_torch` also steps a third copy of their model with the installed torch's own
   `torch.optim.SGD` on their groups with duplicates (for information: torch >= 1.1 adds weight
   decay out of place, a different trajectory from torch 1.0's).
@@ -28,7 +31,8 @@ in lr) with the poly schedule over 8 steps; the paper config's lambdas.
 Prints every loss term per step side by side, the update-size ratio ours/theirs per group of
 tensors (by how often the authors list them: 1x, 3x, 4x backbone; head), and last one JSON line:
 worst per-leaf update error (max |update ours - update theirs| / max |update theirs| over the
-whole run, worst leaf), the worst loss-term relative error, and the worst BN running-statistics
+whole run, worst leaf; also the worst over the leaves whose update is resolved in float32, see
+`update_report`), the worst loss-term relative error, and the worst BN running-statistics
 relative error. Needs PyTorch and a checkout of LTTM/UDAclustering (kept outside this
 repository). Bad flags give one `error: ...` line and exit status 2.
 """
@@ -67,6 +71,9 @@ _TARGET_SIZE = flags.DEFINE_string("target_size", "81,129", "target crop H,W")
 _SEED = flags.DEFINE_integer("seed", 0, "init and batches")
 _INSTALLED_TORCH = flags.DEFINE_bool("installed_torch", False,
                                      "also step the installed torch's own SGD (information)")
+_FLOAT64 = flags.DEFINE_bool(
+    "float64_reference", False, "also step a float64 copy of their model and optimizer and "
+    "measure both float32 runs (ours, theirs) against it")
 _OUTPUT = flags.DEFINE_string("output", None, "append the JSON line to this file")
 
 TERMS = ("ce", "em", "clustering", "orthogonality", "sparsity")
@@ -160,15 +167,44 @@ def to_udajax(model, config):
   return variables
 
 
+def to_udajax64(model, config):
+  """`to_udajax` in float64: the converter works in float32, so the float64 values are split
+  into two float32 parts (hi + lo, each exact), converted separately (transposes and reshapes
+  only) and summed again in float64."""
+  sd = {k: v.detach().double().numpy() for k, v in model.state_dict().items()
+        if v.is_floating_point()}
+  hi = {k: v.astype(np.float32) for k, v in sd.items()}
+  lo = {k: (v - hi[k]).astype(np.float32) for k, v in sd.items()}
+  kw = dict(num_classes=config.num_classes, aspp_branches=len(config.model.aspp_dilations))
+  vh, _ = convert_state_dict(hi, "resnet101", **kw)
+  vl, _ = convert_state_dict(lo, "resnet101", **kw)
+  return jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) + np.asarray(b, np.float64),
+                                vh, vl)
+
+
 def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(x, np.float64)
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+RESOLVED_ULPS = 1000
+
+
 def update_report(initial, ours, theirs, entries):
-  """Worst per-leaf update error, and per entry-count group the norm ratio ours / theirs."""
+  """Per-leaf update errors and, per entry-count group, the norm ratio ours / theirs.
+
+  A leaf's error is max |update ours - update theirs| / max |update theirs|. Both sides store
+  float32 parameters, so an update is only resolved to one float32 spacing (ulp) of the
+  parameter's value: a BN scale near 1 moved by 7 ulps shows an error of 1/7 from a one-ulp
+  difference. "Resolved" leaves are those whose largest update is at least RESOLVED_ULPS ulps of
+  the leaf's largest |value| (their error is at most 1e-3 from the storage alone).
+
+  Returns (worst, worst leaf, median, ratios, worst over resolved leaves, its leaf, number of
+  unresolved leaves).
+  """
   p0, a, b, k = _flat(initial), _flat(ours), _flat(theirs), _flat(entries)
   worst, worst_leaf, errs = 0.0, "", []
+  worst_res, worst_res_leaf, unresolved = 0.0, "", 0
   sums = {}
   for key in p0:
     da, db = a[key] - p0[key], b[key] - p0[key]
@@ -181,12 +217,18 @@ def update_report(initial, ours, theirs, entries):
     errs.append(err)
     if err > worst:
       worst, worst_leaf = err, key
+    if scale >= RESOLVED_ULPS * float(np.spacing(np.float32(np.max(np.abs(p0[key]))))):
+      if err > worst_res:
+        worst_res, worst_res_leaf = err, key
+    else:
+      unresolved += 1
     group = "head" if key.startswith("['classifier']") else f"{int(k[key])}x backbone"
     s = sums.setdefault(group, [0.0, 0.0])
     s[0] += float(np.sum(da ** 2))
     s[1] += float(np.sum(db ** 2))
   ratios = {g: (s[0] / s[1]) ** 0.5 for g, s in sorted(sums.items())}
-  return worst, worst_leaf, float(np.median(errs)), ratios
+  return (worst, worst_leaf, float(np.median(errs)), ratios, worst_res, worst_res_leaf,
+          unresolved)
 
 
 def main(argv):
@@ -217,6 +259,9 @@ def main(argv):
   t = config.train
   opt = Torch10SGD(reference_groups(theirs, t.lr, dedup), momentum=t.momentum,
                    weight_decay=t.weight_decay)
+  exact = copy.deepcopy(theirs).double() if _FLOAT64.value else None
+  opt_exact = (Torch10SGD(reference_groups(exact, t.lr, dedup), momentum=t.momentum,
+                          weight_decay=t.weight_decay) if exact is not None else None)
   opt_installed = None
   if installed is not None:
     import warnings
@@ -255,6 +300,9 @@ def main(argv):
     tb = (torch.from_numpy(xs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ys).long(),
           torch.from_numpy(xt).permute(0, 3, 1, 2).contiguous())
     ref_terms = reference_step(theirs, opt, tb, losses_, config, lr)
+    if exact is not None:
+      reference_step(exact, opt_exact, (tb[0].double(), tb[1], tb[2].double()), losses_, config,
+                     lr)
     inst_terms = (reference_step(installed, opt_installed, tb, losses_, config, lr)
                   if installed is not None else None)
     for name in TERMS:
@@ -269,17 +317,29 @@ def main(argv):
   ours = ts.unreplicate(state)
   final = to_udajax(theirs, config)
   entries = optim.entries_per_tensor(initial["params"])
-  worst, worst_leaf, median, ratios = update_report(initial["params"], ours.params,
-                                                    final["params"], entries)
+  worst, worst_leaf, median, ratios, worst_res, worst_res_leaf, unresolved = update_report(
+      initial["params"], ours.params, final["params"], entries)
   print("update size ratio udajax / theirs (norm of the change over the run), per group:")
   for group, r in ratios.items():
     print(f"  {group:>12}: {r:.6f}")
   if installed is not None:
-    _, _, _, inst = update_report(initial["params"], to_udajax(installed, config)["params"],
+    _, _, _, inst, *_ = update_report(initial["params"], to_udajax(installed, config)["params"],
                                   final["params"], entries)
     print(f"installed torch {torch.__version__} SGD / torch-1.0 transcription, per group:")
     for group, r in inst.items():
       print(f"  {group:>12}: {r:.4f}")
+  print(f"per-leaf update error: worst {worst:.3g} ({worst_leaf}), median {median:.3g}; over "
+        f"the leaves resolved in float32 (update >= {RESOLVED_ULPS} ulps of the value): worst "
+        f"{worst_res:.3g} ({worst_res_leaf}), {unresolved} leaves not resolved")
+  result_64 = {}
+  if exact is not None:
+    e64 = to_udajax64(exact, config)["params"]
+    for who, tree in (("udajax float32", ours.params), ("theirs float32", final["params"])):
+      w, wl, med, _, wr, wrl, unres = update_report(initial["params"], tree, e64, entries)
+      print(f"{who} vs theirs float64: per-leaf update error worst {w:.3g} ({wl}), median "
+            f"{med:.3g}; resolved leaves worst {wr:.3g} ({wrl})")
+      result_64[who.split()[0]] = {"worst": w, "worst_leaf": wl, "median": med,
+                                   "worst_resolved": wr, "worst_resolved_leaf": wrl}
   bn = _flat(final["batch_stats"])
   bn_ours = _flat(ours.batch_stats)
   bn_err = max(float(np.max(np.abs(bn_ours[k] - v)) / max(np.max(np.abs(v)), 1e-12))
@@ -288,9 +348,13 @@ def main(argv):
             "deduplicated" if dedup else "with duplicates", "steps": _STEPS.value,
             "lr": t.lr, "poly_steps": t.num_steps, "source_size": [hs, ws],
             "target_size": [ht, wt], "worst_update_error": worst, "worst_update_leaf": worst_leaf,
-            "median_update_error": median, "worst_loss_term_error": worst_term,
+            "median_update_error": median, "worst_resolved_update_error": worst_res,
+            "worst_resolved_leaf": worst_res_leaf, "unresolved_leaves": unresolved,
+            "leaves": len(jax.tree_util.tree_leaves(entries)), "worst_loss_term_error": worst_term,
             "bn_stats_error": bn_err, "update_ratio": ratios, "cpu": cpu_name(),
             "torch": torch.__version__, "jax": jax.__version__}
+  if result_64:
+    result["against_float64_reference"] = result_64
   line = json.dumps(result)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "a") as f:
