@@ -5,14 +5,13 @@
 Builds the `udajax_demo` TFDS dataset on first use (seconds), trains source-only on the
 `source` domain, then adapts to the `target` domain with the paper's objectives (clustering,
 orthogonality, sparsity, IW max-square) from that model, and prints the target per-class IoU
-of both. Same code path as the paper configs, only smaller. Measured on 2 CPU cores: 3 to 13
-minutes, depending on the machine, its load and the version (README, "Quick start"); 3 min 2 s
-on an idle AMD EPYC VM with AVX-512.
-Expect (target val mIoU, docs/RESULTS.md): on AMD EPYC with AVX-512 (2 cores, jax 0.10.2),
-source-only 18.6 -> adapted 38.9 for seed 0, and 20.2 +- 1.7 -> 35.4 +- 3.2 over seeds 0-2.
-The digits depend on the CPU type (XLA compiles per CPU) and on the float32 summation order of
-the code version: a machine with AVX2 and no AVX-512 printed 13.2 -> 34.9 for seed 0 with an
-earlier version. What should hold everywhere: adapted well above source-only.
+of both. Same code path as the paper configs, only smaller. Measured on 2 CPU cores: 4 min 2 s
+on an idle Intel Xeon VM with AVX-512 (README, "Quick start").
+Expect (target val mIoU, docs/RESULTS.md): on that machine (jax 0.10.2), source-only 24.8 ->
+adapted 38.8 for seed 0, and 24.9 +- 1.4 -> 35.4 +- 4.6 over seeds 0-2. The digits depend on
+the CPU type (XLA compiles per CPU) and on the float32 summation order of the code version: an
+AMD EPYC with AVX-512 printed 19.7 -> 42.0 for seed 0 with the code of the same day. What should hold
+everywhere: adapted well above source-only.
 """
 
 from udajax import configuration
