@@ -10,7 +10,7 @@ sides see the same pre-made batches (`--num_batches` of them, cycled); no datase
   one wait at the end.
 * loop: `trainer.train` itself (log window, TensorBoard writer, progress report, preemption
   poll, one log step every `--log_every` steps), fed the same host batches through its
-  `flax.jax_utils.prefetch_to_device`; evaluation is replaced by a stub that stops the clock
+  `trainer.prefetch_to_device`; evaluation is replaced by a stub that stops the clock
   (the last step's log fetch has waited for every step), checkpoints only at the end.
 
 Timed: `--steps` steps after `--warmup` steps, per round (the loop's clock starts as step

@@ -9,9 +9,9 @@ of both. Same code path as the paper configs, only smaller. Measured on 2 CPU co
 on an idle Intel Xeon VM with AVX-512 (README, "Quick start").
 Expect (target val mIoU, docs/RESULTS.md): on that machine (jax 0.10.2), source-only 24.8 ->
 adapted 38.8 for seed 0, and 24.9 +- 1.4 -> 35.4 +- 4.6 over seeds 0-2. The digits depend on
-the CPU type (XLA compiles per CPU) and on the float32 summation order of the code version: an
-AMD EPYC with AVX-512 printed 19.7 -> 42.0 for seed 0 with the code of the same day. What should hold
-everywhere: adapted well above source-only.
+the CPU type (XLA compiles per CPU) and on the float32 summation order of the code version:
+an AMD EPYC with AVX-512 printed 19.7 -> 42.0 for seed 0 with the code of the same day. What
+should hold everywhere: adapted well above source-only.
 """
 
 from udajax import configuration
