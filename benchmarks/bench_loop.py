@@ -25,7 +25,6 @@ Prints one JSON line (also appended to --output): steps_per_s_bare, steps_per_s_
 
 import contextlib
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax  # noqa: E402
 import jax  # noqa: E402
 
-from benchmarks.common import cpu_name  # noqa: E402
+from benchmarks.common import cpu_name, emit_json  # noqa: E402
 from udajax.cli import fail  # noqa: E402
 from udajax import data  # noqa: E402
 from udajax import train_step as ts  # noqa: E402
@@ -171,11 +170,7 @@ def main(argv):
             "step_ms_bare": round(1000 * bare_s / steps, 3), "steps": steps,
             "log_every_steps": _LOG_EVERY.value, "devices": jax.local_device_count(),
             "backend": jax.default_backend(), "cpu": cpu_name(), "jax": jax.__version__}
-  line = json.dumps(result)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  emit_json(result, _OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Bad flags give one `error: ...` line and exit status 2.
 """
 
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -56,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from udajax import train_step as ts  # noqa: E402
 from udajax.cli import fail  # noqa: E402  (one `error: ...` line, exit status 2)
-from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
+from benchmarks.common import cpu_name, emit_json, reference_loss_classes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -148,11 +147,7 @@ def compile_step(config, batch):
 
 def emit(result):
   """Prints the result as one JSON line, also appended to --output when given."""
-  line = json.dumps(result)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  emit_json(result, _OUTPUT.value)
 
 
 def build_ours(config, batch):

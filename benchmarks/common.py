@@ -1,5 +1,7 @@
-"""Shared by the benchmark scripts: a description of the machine a figure was measured on."""
+"""Shared by the benchmark scripts: a description of the machine a figure was measured on, and
+the one-JSON-line result they print."""
 
+import json
 import platform
 
 
@@ -13,6 +15,15 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def emit_json(result: dict, output=None) -> None:
+  """Prints `result` as one JSON line, also appended to the file `output` when given."""
+  line = json.dumps(result)
+  if output:
+    with open(output, "a") as f:
+      f.write(line + "\n")
+  print(line)
 
 
 def reference_loss_classes(reference_dir: str):

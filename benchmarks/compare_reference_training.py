@@ -39,7 +39,6 @@ repository). Bad flags give one `error: ...` line and exit status 2.
 
 import copy
 import importlib
-import json
 import os
 import sys
 import types
@@ -53,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from benchmarks.common import cpu_name, reference_loss_classes  # noqa: E402
+from benchmarks.common import cpu_name, emit_json, reference_loss_classes  # noqa: E402
 from data_prep.convert_torch_checkpoint import convert_state_dict  # noqa: E402
 from udajax import optim  # noqa: E402
 from udajax import train_step as ts  # noqa: E402
@@ -355,11 +354,7 @@ def main(argv):
             "torch": torch.__version__, "jax": jax.__version__}
   if result_64:
     result["against_float64_reference"] = result_64
-  line = json.dumps(result)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  emit_json(result, _OUTPUT.value)
 
 
 if __name__ == "__main__":
