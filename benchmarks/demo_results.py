@@ -13,8 +13,8 @@ each row continues from that model for `train.num_steps` steps with the demo's U
 
 * the table (`ROWS`, in the order of the paper's table): source only; feature-level
   adversarial (Tsai et al.); MinEnt (ADVENT); MaxSquare IW; L_cl + L_or + L_sp; + EM. The
-  baselines use their own papers' weights (configs/gta_minent.py, gta_maxsquare.py,
-  gta_adversarial.py), the paper's rows configs/gta.py's;
+  baselines use their own papers' weights (`configs/baselines.py`, shared with
+  configs/gta_minent.py, gta_maxsquare.py, gta_adversarial.py), the paper's rows configs/gta.py's;
 * the ablation (`--ablation`, `VARIANTS`): "CE only (source only, continued)" trains on the
   source alone (no target forward), the fair baseline for the extra steps; "CE + target BN"
   runs the UDA step with every lambda = 0, so the only adaptation is BatchNorm statistics
@@ -40,18 +40,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 
+from configs import baselines  # noqa: E402
 from configs import demo  # noqa: E402
 
 # The paper's table, in its order: (row, settings applied to the demo's UDA config), with each
-# baseline's weights from its own paper (the GTA5 configs). None = the source-only model itself.
+# baseline's settings from its own paper (`configs/baselines.py`, as in the GTA5/SYNTHIA
+# configs). None = the source-only model itself.
 ROWS = [
     ("source only", None),
-    ("Tsai et al. (feature-level adversarial)",
-     {"adaptation.method": "adversarial", "adaptation.lambda_adv": 1e-3,
-      "adaptation.disc_lr": 1e-4}),
-    ("MinEnt (ADVENT)", {"adaptation.method": "minent", "adaptation.lambda_ent": 1e-3}),
-    ("MaxSquare IW", {"adaptation.method": "maxsquare", "loss.lambda_em": 0.1,
-                      "loss.iw_ratio": 0.2}),
+    ("Tsai et al. (feature-level adversarial)", baselines.settings("adversarial")),
+    ("MinEnt (ADVENT)", baselines.settings("minent")),
+    ("MaxSquare IW", baselines.settings("maxsquare")),
     ("L_cl + L_or + L_sp", {"adaptation.method": "clustering", "loss.lambda_em": 0.0}),
     ("L_cl + L_or + L_sp + EM", {"adaptation.method": "clustering"}),
 ]

@@ -17,13 +17,9 @@ script; the single-level setting's weight is used). The discriminator's poly sch
 Paper's number (as quoted in Toldo et al.'s Table): 39.3 mIoU.
 """
 
+from configs import baselines
 from configs import gta
 
 
 def get_config():
-  c = gta.get_config()
-  c.adaptation.method = "adversarial"
-  c.adaptation.lambda_adv = 1e-3
-  c.adaptation.disc_lr = 1e-4
-  c.adaptation.disc_betas = (0.9, 0.99)
-  return c
+  return baselines.apply(gta.get_config(), "adversarial")

@@ -11,12 +11,9 @@ and of their paper's implementation details.
 Paper's number (MaxSquare's Table 1 "MaxSquare+IW", single level): 45.2 mIoU.
 """
 
+from configs import baselines
 from configs import gta
 
 
 def get_config():
-  c = gta.get_config()
-  c.adaptation.method = "maxsquare"
-  c.loss.lambda_em = 0.1
-  c.loss.iw_ratio = 0.2
-  return c
+  return baselines.apply(gta.get_config(), "maxsquare")

@@ -10,13 +10,9 @@ betas (0.9, 0.99), poly decay; lambda_adv = 1e-3 = `LAMBDA_ADV_TARGET2`).
 Paper's number (13 classes, `eval/mIoU13`, as quoted in Toldo et al.'s Table): 40.8 mIoU.
 """
 
+from configs import baselines
 from configs import synthia
 
 
 def get_config():
-  c = synthia.get_config()
-  c.adaptation.method = "adversarial"
-  c.adaptation.lambda_adv = 1e-3
-  c.adaptation.disc_lr = 1e-4
-  c.adaptation.disc_betas = (0.9, 0.99)
-  return c
+  return baselines.apply(synthia.get_config(), "adversarial")

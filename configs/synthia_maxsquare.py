@@ -11,12 +11,9 @@ setting); this row keeps MaxSquare's own 0.2.
 Paper's number (13 classes, `eval/mIoU13`, as quoted in Toldo et al.'s Table): 46.9 mIoU.
 """
 
+from configs import baselines
 from configs import synthia
 
 
 def get_config():
-  c = synthia.get_config()
-  c.adaptation.method = "maxsquare"
-  c.loss.lambda_em = 0.1
-  c.loss.iw_ratio = 0.2
-  return c
+  return baselines.apply(synthia.get_config(), "maxsquare")

@@ -9,11 +9,9 @@ auxiliary-output entropy term is not used (single output).
 Paper's number (13 classes, `eval/mIoU13`, as quoted in Toldo et al.'s Table): 44.2 mIoU.
 """
 
+from configs import baselines
 from configs import synthia
 
 
 def get_config():
-  c = synthia.get_config()
-  c.adaptation.method = "minent"
-  c.adaptation.lambda_ent = 1e-3
-  return c
+  return baselines.apply(synthia.get_config(), "minent")
