@@ -57,6 +57,16 @@ def stack_images(paths, out):
   canvas.save(out, optimize=True)
 
 
+def write_table(table: str, records: dict, output: str, name: str) -> None:
+  """Prints the Markdown `table` and writes it to `output`/`name`.md, `records` to `name`.json."""
+  print(table)
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, f"{name}.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(output, f"{name}.json"), "w") as f:
+    json.dump(records, f, indent=1)
+
+
 def fmt(v):
   return "n/a" if v is None else f"{v:.3f}"
 
@@ -105,12 +115,7 @@ def main():
   logging.set_verbosity(logging.WARNING)
   if args.table_workdir:
     records, table = measure_table(args.table_workdir, args.output, args.num_images)
-    print(table)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "table_rows.md"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(args.output, "table_rows.json"), "w") as f:
-      json.dump(records, f, indent=1)
+    write_table(table, records, args.output, "table_rows")
     return
   if not args.workdirs:
     parser.error("--workdirs or --table_workdir is required")
@@ -142,13 +147,7 @@ def main():
         after.append(b)
     mean = (f"{np.mean(before):.3f} → {np.mean(after):.3f}" if before else "n/a")
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
-  table = "\n".join(lines)
-  print(table)
-  os.makedirs(args.output, exist_ok=True)
-  with open(os.path.join(args.output, "table.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(args.output, "table.json"), "w") as f:
-    json.dump(records, f, indent=1)
+  write_table("\n".join(lines), records, args.output, "table")
   if args.image:
     first = os.path.join(args.output, runs[0])
     stack_images([os.path.join(first, n, "embeddings.png") for n in ("source_only", "adapted")],
