@@ -101,9 +101,9 @@ def timed(fn, repeats, cpu=None):
 
 def pca_seconds(num_points, dim, repeats=3):
   import numpy as np
-  from udajax import embeddings
+  from udajax import embedding_metrics
   x = np.random.default_rng(0).normal(size=(num_points, dim)).astype(np.float32)
-  return timed(lambda: embeddings.project_2d(x), repeats)[1]
+  return timed(lambda: embedding_metrics.project_2d(x), repeats)[1]
 
 
 def run(config) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests import train_cli
-from udajax import embeddings
+from udajax import embedding_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def star(num_classes=3, dim=6, length=2.0, radius=0.5, per_side=4):
 
 
 def stats_of(feats, classes, num_classes):
-  return embeddings.class_statistics(jnp.asarray(feats), jnp.asarray(classes), num_classes)
+  return embedding_metrics.class_statistics(jnp.asarray(feats), jnp.asarray(classes), num_classes)
 
 
 def test_orthogonal_centroids_identical_domains_known_spread():
@@ -44,7 +44,7 @@ def test_orthogonal_centroids_identical_domains_known_spread():
   np.testing.assert_allclose(s["count"], [8, 8, 8, 0])
   np.testing.assert_allclose(s["mean"][:3], 2.0 * np.eye(3, 6), atol=1e-7)
   np.testing.assert_allclose(s["m2"][:3], 8 * 0.25, rtol=1e-6)
-  m = embeddings.embedding_metrics(s, s, rho=0.5)
+  m = embedding_metrics.embedding_metrics(s, s, rho=0.5)
   cos = np.asarray(m["cosine/source"])
   np.testing.assert_allclose(cos[:3, :3], np.eye(3), atol=1e-7)
   assert np.all(np.isnan(cos[3])) and np.all(np.isnan(cos[:, 3]))
@@ -70,7 +70,7 @@ def test_known_angles_alignment_and_sparsity():
   cls = np.array([[[0, 1]]], np.int32)
   s = stats_of(src[None, None], cls, 2)
   t = stats_of(tgt[None, None], cls, 2)
-  m = embeddings.embedding_metrics(s, t, rho=0.5)
+  m = embedding_metrics.embedding_metrics(s, t, rho=0.5)
   np.testing.assert_allclose(float(m["alignment"]), 0.5, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(m["cosine/source_target"]), [[0.5, 0], [0, 0.5]],
                              atol=1e-7)
@@ -79,7 +79,7 @@ def test_known_angles_alignment_and_sparsity():
   np.testing.assert_allclose(float(m["active_channels/source/mean"]), 0.25, rtol=1e-6)
   # Centroids 60 degrees apart: |cos| = 0.5 off the diagonal.
   c = stats_of(np.array([[1, 0], [np.cos(a), np.sin(a)]], np.float32)[None, None], cls, 2)
-  m = embeddings.embedding_metrics(c, c, rho=0.5)
+  m = embedding_metrics.embedding_metrics(c, c, rho=0.5)
   np.testing.assert_allclose(float(m["orthogonality/source"]), 0.5, rtol=1e-6)
   # One feature per class: zero spread, clustering 0.
   np.testing.assert_allclose(np.asarray(m["clustering/source"]), [0, 0], atol=1e-7)
@@ -93,7 +93,7 @@ def test_statistics_merge_over_batches_and_devices():
   merged = None
   for b in range(4):
     one = stats_of(feats[b:b + 1], classes[b:b + 1], 4)
-    merged = one if merged is None else embeddings.merge_statistics(merged, one)
+    merged = one if merged is None else embedding_metrics.merge_statistics(merged, one)
   # float64 reference
   x = feats.reshape(-1, 7).astype(np.float64)
   c = classes.reshape(-1)
@@ -106,7 +106,7 @@ def test_statistics_merge_over_batches_and_devices():
     np.testing.assert_allclose(merged["m2"][j], m2, rtol=1e-4)
     np.testing.assert_allclose(merged["mean"][j], xj.mean(0), rtol=1e-6)
   # pmap over the 4 test devices, one image each, gives the single-device statistics.
-  f = jax.pmap(functools.partial(embeddings.class_statistics, num_classes=4, axis_name="i"),
+  f = jax.pmap(functools.partial(embedding_metrics.class_statistics, num_classes=4, axis_name="i"),
                axis_name="i")
   dev = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), f(feats[:, None], classes[:, None]))
   for k in ("count", "mean", "m2"):
@@ -123,17 +123,17 @@ def test_class_balanced_sample_and_pca():
   pool = None
   for b in range(4):  # four batches of 25 positions
     part = slice(25 * b, 25 * (b + 1))
-    s = embeddings.class_sample(jnp.asarray(feats[part])[None, None],
+    s = embedding_metrics.class_sample(jnp.asarray(feats[part])[None, None],
                                 jnp.asarray(classes[part])[None, None], 4, 8,
                                 jax.random.PRNGKey(b))
-    pool = embeddings.merge_samples(pool, jax.device_get(s), 8)
-  x, c = embeddings.sample_points(pool)
+    pool = embedding_metrics.merge_samples(pool, jax.device_get(s), 8)
+  x, c = embedding_metrics.sample_points(pool)
   assert np.bincount(c, minlength=4).tolist() == [8, 5, 8, 0]
   np.testing.assert_array_equal(x[:, 1], c)  # every sampled feature is of its class
   assert len(set(x[:, 0].tolist())) == len(x)  # without replacement
   # PCA: points on a line along (1, 2, 0) project onto the first axis, explained variance 1.
   line = np.outer(np.arange(-3.0, 4.0), [1.0, 2.0, 0.0])
-  points, ev = embeddings.project_2d(line)
+  points, ev = embedding_metrics.project_2d(line)
   np.testing.assert_allclose(np.abs(points[:, 0]), np.abs(np.arange(-3.0, 4.0)) * np.sqrt(5),
                              rtol=1e-9)
   np.testing.assert_allclose(points[:, 1], 0, atol=1e-9)
@@ -187,7 +187,7 @@ def trained(demo_data_dir, tmp_path_factory):
 
 def test_trainer_logs_embeddings(trained):
   _, tags = trained
-  for k in embeddings.SCALAR_KEYS:
+  for k in embedding_metrics.SCALAR_KEYS:
     assert f"embeddings/{k}" in tags, k
   assert "embeddings/cosine_and_projection" in tags
 
@@ -205,7 +205,7 @@ def test_cli_workdir_and_converted_checkpoint(trained, demo_data_dir, tmp_path):
   record = json.loads((out / "embeddings.json").read_text())
   assert record["step"] == 2 and record["num_images"] == {"source": 5, "target": 5}
   assert record["assignment"] == {"source": "labels", "target": "labels"}
-  assert set(record["scalars"]) == set(embeddings.SCALAR_KEYS)
+  assert set(record["scalars"]) == set(embedding_metrics.SCALAR_KEYS)
   for k in ("orthogonality/source", "orthogonality/target", "alignment"):
     assert 0.0 <= record["scalars"][k] <= 1.0 + 1e-6, (k, record["scalars"][k])
   assert 0.0 <= record["scalars"]["active_channels/target/mean"] <= 1.0
@@ -255,7 +255,7 @@ def test_bad_inputs_one_line(case, demo_data_dir, tmp_path):
 def test_pca_matches_the_exact_svd():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(300, 64)) / np.arange(1, 65) ** 0.7 + 5.0
-  points, ev = embeddings.project_2d(x)
+  points, ev = embedding_metrics.project_2d(x)
   xc = x - x.mean(0)
   _, s, vt = np.linalg.svd(xc, full_matrices=False)
   np.testing.assert_allclose(ev, s[:2] ** 2 / np.sum(s ** 2), rtol=1e-9)
