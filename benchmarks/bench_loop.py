@@ -19,8 +19,12 @@ warmup + 1 is dispatched, right after a log step waited for all earlier steps); 
 call: the XLA compilations of pmapped programs (`jit(_fun)`; only the train step is pmapped
 while it runs; a persistent-cache hit counts too). The persistent compilation cache is off.
 
+Also timed: placing 3,000 of the batches on the devices with `trainer.prefetch_to_device` and
+with `flax.jax_utils.prefetch_to_device` (median of 3 each).
+
 Prints one JSON line (also appended to --output): steps_per_s_bare, steps_per_s_loop, ratio
-(loop / bare), step_compiles_per_start (one value per round), step_ms_bare, devices, cpu.
+(loop / bare), step_compiles_per_start (one value per round), step_ms_bare, place_batch_us
+(per batch, trainer / flax), devices, cpu.
 """
 
 import contextlib
@@ -146,6 +150,16 @@ def time_loop(config, batches, warmup: int, steps: int):
   return clock["stop"] - clock["start"], len(compiled)
 
 
+def place_batch_us(prefetch, batches, n: int = 3000) -> float:
+  """Microseconds per batch for `prefetch(iterator, 2)` to place `n` of `batches` (cycled)."""
+  it = prefetch((batches[i % len(batches)] for i in range(n)), 2)
+  start = time.perf_counter()
+  for placed in it:
+    pass
+  jax.block_until_ready(placed)
+  return 1e6 * (time.perf_counter() - start) / n
+
+
 def main(argv):
   del argv
   jax.config.update("jax_enable_compilation_cache", False)
@@ -164,11 +178,14 @@ def main(argv):
     print(f"round {r + 1}: bare {steps / bare[-1]:.1f} steps/s, loop {steps / loop[-1]:.1f} "
           f"steps/s, train-step compilations in the loop's run: {n}", flush=True)
   bare_s, loop_s = statistics.median(bare), statistics.median(loop)
+  place = {name: statistics.median(place_batch_us(f, batches) for _ in range(3)) for name, f in
+           (("trainer", trainer.prefetch_to_device), ("flax", flax.jax_utils.prefetch_to_device))}
   result = {"steps_per_s_bare": round(steps / bare_s, 2),
             "steps_per_s_loop": round(steps / loop_s, 2),
             "ratio": round(bare_s / loop_s, 3), "step_compiles_per_start": compiles,
             "step_ms_bare": round(1000 * bare_s / steps, 3), "steps": steps,
             "log_every_steps": _LOG_EVERY.value, "devices": jax.local_device_count(),
+            "place_batch_us": {k: round(v, 1) for k, v in place.items()},
             "backend": jax.default_backend(), "cpu": cpu_name(), "jax": jax.__version__}
   emit_json(result, _OUTPUT.value)
 
