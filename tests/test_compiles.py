@@ -45,3 +45,20 @@ def test_replicated_state_has_the_sharding_the_step_returns():
     np.testing.assert_array_equal(np.asarray(out["a"]),
                                   np.stack([x["a"] * 8.0] * jax.local_device_count()))
     np.testing.assert_array_equal(np.asarray(out["step"]), [3] * jax.local_device_count())
+
+
+def test_created_state_step_is_a_strong_int32_through_jit():
+  """flax's TrainState starts `step` as the Python int 0: a jitted function sees it weakly typed
+  and returns it weakly typed, and the pmapped step (which returns a strong int32) then compiles
+  a second time for a state that went through such a function (a reference step in a test, a
+  user's own jitted update). `create_train_state` starts from a strong int32."""
+  from udajax import configuration
+  config = configuration.base_config()
+  config.model.stage_blocks, config.model.base_width = (1, 1, 1, 1), 4
+  variables = jax.eval_shape(lambda: ts.init_variables(config, jax.random.PRNGKey(0)))
+  variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variables)
+  state = ts.create_train_state(config, variables, jax.random.PRNGKey(1))
+  assert jax.typeof(state.step) == jax.typeof(jnp.zeros((), jnp.int32))
+  grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  new = jax.eval_shape(lambda s: s.apply_gradients(grads=grads), state)
+  assert (new.step.dtype, new.step.weak_type) == (jnp.int32, False)

@@ -95,10 +95,14 @@ def create_train_state(config, variables, rng) -> TrainState:
     method_state = {method.STATE_FIELD: method.init_state(
         config, functools.partial(feature_dim, config), jax.random.fold_in(rng, 1))}
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-  return TrainState.create(
+  state = TrainState.create(
       apply_fn=model.apply, params=params, tx=tx,
       batch_stats=jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {})),
       rng=rng, **method_state)
+  # flax starts `step` as the Python int 0, which a jitted function sees as a weakly typed int32
+  # and returns weakly typed (`step + 1`); the pmapped step returns a strong int32. A state that
+  # went through a jitted function would then make the pmapped step compile a second time.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def unreplicate(tree):
