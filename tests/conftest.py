@@ -52,9 +52,10 @@ def pytest_sessionstart(session):
         "CUDA_VISIBLE_DEVICES= and without a device count in XLA_FLAGS.")
 
 
-# The slowest test files first (seconds of their tests on a 2-core VM, docs/PERFORMANCE.md "Test
-# suite"), the rest in their usual order: with `-n 2 --dist loadfile`, xdist hands files to its
-# two workers in collection order, so a slow file collected last would run alone at the end.
+# The slowest test files first (by their tests' durations, docs/PERFORMANCE.md "Test suite"), the
+# rest in their usual order: with `-n 2 --dist loadfile` and pytest.ini's --no-loadscope-reorder,
+# xdist hands files to its two workers in collection order, so a slow file collected last would
+# run alone at the end.
 SLOW_FILES_FIRST = ("test_methods.py", "test_step_modes.py", "test_train_step.py",
                     "test_multihost.py", "test_trainer.py", "test_resume.py", "test_embeddings.py",
                     "test_bad_inputs.py", "test_predict.py", "test_evaluation_parity.py")

@@ -42,6 +42,14 @@ class TrainState(flax_train_state.TrainState):
   rng: Any = None
   method_state: Any = None
 
+  @classmethod
+  def create(cls, **kwargs):
+    """flax's `create` with `step` a strong int32. flax starts it as the Python int 0, which a
+    jitted function sees weakly typed and returns weakly typed (`step + 1`), while the pmapped
+    step returns a strong int32: a state that went through a jitted function would make the
+    pmapped step compile a second time."""
+    return super().create(**kwargs).replace(step=jnp.zeros((), jnp.int32))
+
 
 def create_model(config, *, axis_name=AXIS) -> models.DeepLabV2:
   m = config.model
@@ -95,14 +103,10 @@ def create_train_state(config, variables, rng) -> TrainState:
     method_state = {method.STATE_FIELD: method.init_state(
         config, functools.partial(feature_dim, config), jax.random.fold_in(rng, 1))}
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-  state = TrainState.create(
+  return TrainState.create(
       apply_fn=model.apply, params=params, tx=tx,
       batch_stats=jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {})),
       rng=rng, **method_state)
-  # flax starts `step` as the Python int 0, which a jitted function sees as a weakly typed int32
-  # and returns weakly typed (`step + 1`); the pmapped step returns a strong int32. A state that
-  # went through a jitted function would then make the pmapped step compile a second time.
-  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def unreplicate(tree):
