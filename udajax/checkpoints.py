@@ -93,7 +93,10 @@ def checkpoint_manager(workdir: str, keep: int = 3, *,
                                          read_only=read_only,
                                          create=not read_only,
                                          cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(directory, options=options)
+  # The item handler named up front: without it a manager that has not saved yet (every
+  # resumed run) answers `item_metadata` with None.
+  return ocp.CheckpointManager(directory, options=options,
+                              item_handlers=ocp.StandardCheckpointHandler())
 
 
 def complete_steps(manager: ocp.CheckpointManager) -> List[int]:
@@ -147,21 +150,58 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
   `state` may be abstract (`jax.eval_shape`): only its shapes and dtypes are used.
   """
   target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+  where = f"cannot resume from checkpoint step {step} in {manager.directory}"
+  saved, wanted = saved_optimizer(manager, step), optimizer_of(state.opt_state)
+  if saved and wanted and saved != wanted:
+    raise CheckpointError(
+        f"{where}: it was written with --config.train.optimizer={saved} and this run uses "
+        f"{wanted}; pass --config.train.optimizer={saved} to continue that run, or use a new "
+        "--workdir")
+  changed = ("If the config changed (model, num_classes, train.mode, train.optimizer, "
+             "loss.centroid_smoothing, adaptation.method), use a new --workdir")
+  # Checked on the saved metadata first: a restore that fails part-way leaves orbax's other
+  # array reads abandoned (a screen of "Exception ignored" tracebacks) for the same answer.
+  mismatch = _layout_mismatch(manager, step, target)
+  if mismatch:
+    raise CheckpointError(f"{where}: it does not fit this run's train state ({mismatch}). "
+                          f"{changed}")
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:  # orbax raises many types for a damaged or mismatching checkpoint.
-    saved, wanted = saved_optimizer(manager, step), optimizer_of(state.opt_state)
-    if saved and wanted and saved != wanted:
-      raise CheckpointError(
-          f"cannot resume from checkpoint step {step} in {manager.directory}: it was written "
-          f"with --config.train.optimizer={saved} and this run uses {wanted}; pass "
-          f"--config.train.optimizer={saved} to continue that run, or use a new --workdir") from e
     raise CheckpointError(
-        f"cannot resume from checkpoint step {step} in {manager.directory}: {type(e).__name__}: "
-        f"{_one_line(e)}. If the config changed (model, num_classes, train.mode, "
-        "train.optimizer, loss.centroid_smoothing, adaptation.method), use a new --workdir; if "
-        "the step is damaged, delete it to resume from an earlier one") from e
+        f"{where}: {type(e).__name__}: {_one_line(e)}. {changed}; if the step is damaged, "
+        "delete it to resume from an earlier one") from e
   return state.replace(**tree)
+
+
+def _layout_mismatch(manager: ocp.CheckpointManager, step: int, target) -> str:
+  """How checkpoint `step`'s saved arrays differ from `target`'s (paths, shapes), or "".
+
+  "" also when the metadata cannot be read (a damaged step): the restore then names the error.
+  Dtypes are not compared (a restore casts them).
+  """
+  try:
+    saved = _shapes(manager.item_metadata(step).tree)
+  except Exception:  # noqa: BLE001
+    return ""
+  wanted = _shapes(target)
+  parts = []
+  for label, keys in (("only in the checkpoint", sorted(saved.keys() - wanted.keys())),
+                      ("only in this run", sorted(wanted.keys() - saved.keys()))):
+    if keys:
+      parts.append(f"{len(keys)} arrays {label}, e.g. {', '.join(keys[:3])}")
+  shapes = [k for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  if shapes:
+    parts.append(f"{len(shapes)} arrays of another shape, e.g. "
+                 + ", ".join(f"{k} saved {saved[k]} vs {wanted[k]}" for k in shapes[:3]))
+  return "; ".join(parts)
+
+
+def _shapes(tree) -> dict:
+  """{"params/a/b": shape} of a tree of arrays, shape structs or orbax array metadata."""
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+          tuple(getattr(leaf, "shape", ()) or ())
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def is_workdir(path: str) -> bool:
