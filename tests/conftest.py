@@ -51,18 +51,3 @@ def pytest_sessionstart(session):
         "device count, and only if jax was not imported before it; run with "
         "CUDA_VISIBLE_DEVICES= and without a device count in XLA_FLAGS.")
 
-
-# The slowest test files first (by their tests' durations, docs/PERFORMANCE.md "Test suite"), the
-# rest in their usual order: with `-n 2 --dist loadfile` and pytest.ini's --no-loadscope-reorder,
-# xdist hands files to its two workers in collection order, so a slow file collected last would
-# run alone at the end.
-SLOW_FILES_FIRST = ("test_methods.py", "test_step_modes.py", "test_train_step.py",
-                    "test_multihost.py", "test_trainer.py", "test_resume.py", "test_embeddings.py",
-                    "test_bad_inputs.py", "test_predict.py", "test_evaluation_parity.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-  """Orders the collected tests by file: SLOW_FILES_FIRST, then the others as collected."""
-  del session, config
-  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
