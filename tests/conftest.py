@@ -50,4 +50,3 @@ def pytest_sessionstart(session):
         f"--xla_force_host_platform_device_count={NUM_DEVICES} unless XLA_FLAGS already has a "
         "device count, and only if jax was not imported before it; run with "
         "CUDA_VISIBLE_DEVICES= and without a device count in XLA_FLAGS.")
-

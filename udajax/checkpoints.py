@@ -135,13 +135,13 @@ def optimizer_of(opt_state) -> str:
   return ""
 
 
-def saved_optimizer(manager: ocp.CheckpointManager, step: int) -> str:
-  """The optimiser that wrote checkpoint `step` ("" if its metadata cannot be read)."""
+def _saved_tree(manager: ocp.CheckpointManager, step: int):
+  """Checkpoint `step`'s tree of saved array metadata (paths, shapes), or None if it cannot be
+  read (a damaged step: the restore then names the error)."""
   try:
-    tree = manager.item_metadata(step).tree
-    return optimizer_of(tree["opt_state"])
-  except Exception:  # noqa: BLE001  (a damaged checkpoint: the caller's message covers it)
-    return ""
+    return manager.item_metadata(step).tree
+  except Exception:  # noqa: BLE001
+    return None
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainState):
@@ -151,7 +151,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
   """
   target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
   where = f"cannot resume from checkpoint step {step} in {manager.directory}"
-  saved, wanted = saved_optimizer(manager, step), optimizer_of(state.opt_state)
+  saved_tree = _saved_tree(manager, step)  # read once, for both checks below
+  saved = optimizer_of(saved_tree.get("opt_state")) if isinstance(saved_tree, dict) else ""
+  wanted = optimizer_of(state.opt_state)
   if saved and wanted and saved != wanted:
     raise CheckpointError(
         f"{where}: it was written with --config.train.optimizer={saved} and this run uses "
@@ -161,7 +163,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
              "loss.centroid_smoothing, adaptation.method), use a new --workdir")
   # Checked on the saved metadata first: a restore that fails part-way leaves orbax's other
   # array reads abandoned (a screen of "Exception ignored" tracebacks) for the same answer.
-  mismatch = _layout_mismatch(manager, step, target)
+  mismatch = _layout_mismatch(saved_tree, target) if saved_tree is not None else ""
   if mismatch:
     raise CheckpointError(f"{where}: it does not fit this run's train state ({mismatch}). "
                           f"{changed}")
@@ -174,17 +176,12 @@ def restore_state(manager: ocp.CheckpointManager, step: int, state: ts.TrainStat
   return state.replace(**tree)
 
 
-def _layout_mismatch(manager: ocp.CheckpointManager, step: int, target) -> str:
-  """How checkpoint `step`'s saved arrays differ from `target`'s (paths, shapes), or "".
+def _layout_mismatch(saved_tree, target) -> str:
+  """How the saved arrays differ from `target`'s (paths, shapes), or "".
 
-  "" also when the metadata cannot be read (a damaged step): the restore then names the error.
   Dtypes are not compared (a restore casts them).
   """
-  try:
-    saved = _shapes(manager.item_metadata(step).tree)
-  except Exception:  # noqa: BLE001
-    return ""
-  wanted = _shapes(target)
+  saved, wanted = _shapes(saved_tree), _shapes(target)
   parts = []
   for label, keys in (("only in the checkpoint", sorted(saved.keys() - wanted.keys())),
                       ("only in this run", sorted(wanted.keys() - saved.keys()))):
