@@ -48,10 +48,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # imported here so XLA_FLAGS set by a launcher take effect
   if _COORDINATOR.value or _DISTRIBUTED.value:
-    # Cross-process collectives of the CPU backend (tests, CPU clusters); GPU/TPU are unaffected.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    from udajax import multihost
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from udajax import errors
   from udajax import preemption
   from udajax import trainer
@@ -92,8 +90,10 @@ def _enable_compilation_cache(workdir: str) -> None:
   if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
-    # Seen on CPU clusters: a process that hits the cache reaches the first cross-process (gloo)
-    # collective more than gloo's 30 s deadline before one that compiles, and aborts.
+    # Kept off: a process that hit the cache reached the first cross-process (gloo) collective
+    # more than gloo's 30 s deadline before one that compiled, and aborted. `multihost.initialize`
+    # now connects the gloo groups at start, which removes that deadline, but a shared cache
+    # across processes has not been tested since.
     logging.info("compilation cache off: multi-process CPU run")
     return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))

@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 
 import jax
@@ -76,10 +77,11 @@ def _wait_all(procs, timeout=300):
   for p in procs:
     try:
       rcs.append(p.wait(timeout=max(1, deadline - time.time())))
-    except Exception:
+    except subprocess.TimeoutExpired:
+      tails = train_cli.log_tails(procs)
       for q in procs:
         q.kill()
-      raise
+      raise AssertionError(f"not finished {timeout} s after SIGTERM:\n{tails}") from None
   return rcs
 
 
@@ -100,7 +102,7 @@ def test_two_processes_match_one_process_and_preempt_together(demo_data_dir, tmp
   work = str(tmp_path / "mh")
   procs = _launch(demo_data_dir, work, tmp_path, "p", **OVERRIDES)
   try:
-    train_cli.wait_for_step(procs[0], work, 2)
+    train_cli.wait_for_step(procs, work, 2)
   except Exception:
     for p in procs:
       p.kill()
@@ -110,7 +112,7 @@ def test_two_processes_match_one_process_and_preempt_together(demo_data_dir, tmp
   rcs = _wait_all(procs)
   latency = time.time() - sent
   logs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
-  assert rcs == [0, 0], [log[-3000:] for log in logs]
+  assert rcs == [0, 0], train_cli.log_tails(procs, 60)
   assert all("Traceback" not in log for log in logs)
   # Each process compiled its train step once (logged by the trainer when the run ends).
   assert all("train step compiled 1 time(s) in this run" in log for log in logs), [

@@ -83,10 +83,23 @@ def run(args, timeout=300, **env_extra):
 
 
 def start(args, log_path, **env_extra):
-  """Starts a command in the background with stdout+stderr to `log_path`."""
+  """Starts a command in the background with stdout+stderr to `log_path` (kept as `.log_path`)."""
   log = open(log_path, "w")
-  return subprocess.Popen(args, cwd=ROOT, env=env(**env_extra), stdout=log,
+  proc = subprocess.Popen(args, cwd=ROOT, env=env(**env_extra), stdout=log,
                           stderr=subprocess.STDOUT)
+  proc.log_path = log_path
+  return proc
+
+
+def log_tails(procs, lines=25) -> str:
+  """The last `lines` lines of each started process's log, for a failure message."""
+  out = []
+  for i, p in enumerate(procs):
+    with open(p.log_path, errors="replace") as f:
+      tail = f.read().splitlines()[-lines:]
+    state = "running" if p.poll() is None else f"exit code {p.returncode}"
+    out.append(f"--- process {i} ({state}), end of {p.log_path}:\n" + "\n".join(tail))
+  return "\n".join(out)
 
 
 def complete_steps(workdir):
@@ -99,17 +112,19 @@ def complete_steps(workdir):
   return sorted(out)
 
 
-def wait_for_step(proc, workdir, step, timeout=240):
-  """Polls until a complete checkpoint >= `step` exists (fails if `proc` exits first)."""
+def wait_for_step(procs, workdir, step, timeout=420):
+  """Polls until a complete checkpoint >= `step` exists; fails if one of `procs` (one process
+  started by `start` or a list of them) exits first or on timeout, with the end of their logs."""
+  procs = procs if isinstance(procs, (list, tuple)) else [procs]
   deadline = time.time() + timeout
   while time.time() < deadline:
     steps = complete_steps(workdir)
     if steps and steps[-1] >= step:
       return steps[-1]
-    if proc.poll() is not None:
-      raise AssertionError(f"process exited with {proc.returncode} before checkpoint {step}")
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process exited before checkpoint {step}:\n{log_tails(procs)}")
     time.sleep(0.02)
-  raise AssertionError(f"no checkpoint {step} after {timeout} s")
+  raise AssertionError(f"no checkpoint {step} after {timeout} s:\n{log_tails(procs)}")
 
 
 def scalars(workdir):

@@ -18,11 +18,11 @@ from typing import List
 from absl import logging
 import flax
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from udajax import multihost
 from udajax import train_step as ts
 from udajax.errors import CheckpointError
 
@@ -87,7 +87,7 @@ def checkpoint_manager(workdir: str, keep: int = 3, *,
     if jax.process_index() == 0:
       quarantine_incomplete_steps(directory)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("checkpoints_checked")
+      multihost.barrier("checkpoints_checked")
   options = ocp.CheckpointManagerOptions(preservation_policy=policy,
                                          best_fn=lambda m: m[BEST_METRIC], best_mode="max",
                                          read_only=read_only,

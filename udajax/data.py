@@ -9,9 +9,9 @@ the config's datasets, sizes and this process's devices.
 from typing import Iterator
 
 import jax
-from jax.experimental import multihost_utils
 
 from udajax import input_pipeline
+from udajax import multihost
 from udajax.errors import ConfigError
 
 
@@ -29,7 +29,7 @@ def prepare_datasets(config, *, training: bool = True) -> None:
     from udajax import datasets
     datasets.ensure_demo_built(config.data_dir)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("datasets_ready")
+    multihost.barrier("datasets_ready", timeout_s=3600)  # process 0 may be building the demo data
   if training:
     check_train_sizes(config)
   else:

@@ -1,0 +1,47 @@
+"""One process of tests/test_multihost_start.py: `python tests/late_process.py PORT PROCESS_ID
+DELAY_S [--plain]` (2 processes x 2 CPU devices).
+
+After start-up (`udajax.multihost.initialize`, or with --plain only `jax.distributed.initialize`),
+process 1 arrives DELAY_S late at its first collective over all devices (a pmapped psum, as the
+train and eval steps), then process 0 arrives DELAY_S late at its first collective over one
+device per process (`process_allgather`, as orbax's barriers). Prints "ok <values>" and exits 0
+when both collectives returned the right values.
+"""
+
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+import numpy as np  # noqa: E402
+
+from udajax import multihost  # noqa: E402
+
+
+def main(port, process_id, delay_s, plain):
+  address = f"127.0.0.1:{port}"
+  if plain:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=2,
+                               process_id=process_id)
+  else:
+    multihost.initialize(address, 2, process_id)
+  if process_id == 1:
+    time.sleep(delay_s)
+  x = np.full((jax.local_device_count(),), process_id + 1.0, np.float32)
+  total = jax.pmap(lambda v: jax.lax.psum(v * 2, "d"), axis_name="d")(x)
+  total = float(total.addressable_shards[0].data[0])
+  if process_id == 0:
+    time.sleep(delay_s)
+  gathered = multihost_utils.process_allgather(np.int64(10 + process_id)).tolist()
+  multihost.barrier("done")
+  print("ok", total, gathered, flush=True)
+  assert total == 12.0 and gathered == [10, 11], (total, gathered)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), "--plain" in sys.argv)
