@@ -29,8 +29,6 @@ import glob
 import os
 import re
 import signal
-import socket
-import subprocess
 import time
 
 import jax
@@ -45,12 +43,6 @@ def demo_data_dir(tmp_path_factory):
   return train_cli.demo_data_dir(tmp_path_factory)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _state(workdir, step):
   """The saved train state of `step` as numpy (float64 for the comparison)."""
   import numpy as np
@@ -61,7 +53,7 @@ def _state(workdir, step):
 
 
 def _launch(data_dir, work, tmp_path, tag, **overrides):
-  port = _free_port()
+  port = train_cli.free_port()
   procs = []
   for pid in range(2):
     args = train_cli.flags(data_dir, work, **overrides) + [
@@ -69,20 +61,6 @@ def _launch(data_dir, work, tmp_path, tag, **overrides):
     procs.append(train_cli.start(args, str(tmp_path / f"{tag}{pid}.log"),
                                  XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   return procs
-
-
-def _wait_all(procs, timeout=300):
-  deadline = time.time() + timeout
-  rcs = []
-  for p in procs:
-    try:
-      rcs.append(p.wait(timeout=max(1, deadline - time.time())))
-    except subprocess.TimeoutExpired:
-      tails = train_cli.log_tails(procs)
-      for q in procs:
-        q.kill()
-      raise AssertionError(f"not finished {timeout} s after SIGTERM:\n{tails}") from None
-  return rcs
 
 
 def _leaf_errors(a, b):
@@ -109,7 +87,7 @@ def test_two_processes_match_one_process_and_preempt_together(demo_data_dir, tmp
     raise
   sent = time.time()
   procs[1].send_signal(signal.SIGTERM)  # one host gets the notice
-  rcs = _wait_all(procs)
+  rcs = train_cli.wait_all(procs, 300)  # after SIGTERM
   latency = time.time() - sent
   logs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
   assert rcs == [0, 0], train_cli.log_tails(procs, 60)

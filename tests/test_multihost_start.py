@@ -7,12 +7,11 @@ the failing process then hung 300 s in jax.distributed's shutdown. `udajax.multi
 connects both groups the trainer uses at start, so here one process is 33 s late at the first
 psum over all devices and the other 33 s late at the first `process_allgather` (one device per
 process), and both finish. With only `jax.distributed.initialize`
-(`python tests/late_process.py PORT ID 33 --plain`) both runs fail that way.
+(`python tests/late_process.py PORT ID 33 --plain`), the first collective failed that way and
+neither process had exited 200 s later.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 from tests import train_cli
@@ -20,24 +19,12 @@ from tests import train_cli
 LATE_S = 33  # beyond gloo's 30 s connection deadline
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_late_processes_meet_at_first_collectives(tmp_path):
-  port = _free_port()
+  port = train_cli.free_port()
   script = os.path.join(train_cli.ROOT, "tests", "late_process.py")
   procs = [train_cli.start([sys.executable, script, str(port), str(pid), str(LATE_S)],
                            str(tmp_path / f"late{pid}.log")) for pid in range(2)]
-  try:
-    rcs = [p.wait(timeout=240) for p in procs]
-  except subprocess.TimeoutExpired:
-    tails = train_cli.log_tails(procs)
-    for p in procs:
-      p.kill()
-    raise AssertionError(f"not finished after 240 s:\n{tails}") from None
+  rcs = train_cli.wait_all(procs, 240)
   assert rcs == [0, 0], train_cli.log_tails(procs)
   for p in procs:
     with open(p.log_path) as f:

@@ -8,6 +8,7 @@ persistent JAX compilation cache), so they reuse the compilations of the in-proc
 import glob
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,29 @@ def start(args, log_path, **env_extra):
                           stderr=subprocess.STDOUT)
   proc.log_path = log_path
   return proc
+
+
+def free_port() -> int:
+  """A TCP port free on the loopback interface now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def wait_all(procs, timeout):
+  """The exit codes of started processes, all within `timeout` s in total; on timeout kills them
+  and fails with the end of their logs."""
+  deadline = time.time() + timeout
+  rcs = []
+  for p in procs:
+    try:
+      rcs.append(p.wait(timeout=max(1, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      tails = log_tails(procs)
+      for q in procs:
+        q.kill()
+      raise AssertionError(f"not finished within {timeout} s:\n{tails}") from None
+  return rcs
 
 
 def log_tails(procs, lines=25) -> str:

@@ -86,8 +86,7 @@ def checkpoint_manager(workdir: str, keep: int = 3, *,
   if not read_only:
     if jax.process_index() == 0:
       quarantine_incomplete_steps(directory)
-    if jax.process_count() > 1:
-      multihost.barrier("checkpoints_checked")
+    multihost.barrier("checkpoints_checked")
   options = ocp.CheckpointManagerOptions(preservation_policy=policy,
                                          best_fn=lambda m: m[BEST_METRIC], best_mode="max",
                                          read_only=read_only,

@@ -28,8 +28,7 @@ def prepare_datasets(config, *, training: bool = True) -> None:
   if any(config[d].name == "udajax_demo" for d in domains) and jax.process_index() == 0:
     from udajax import datasets
     datasets.ensure_demo_built(config.data_dir)
-  if jax.process_count() > 1:
-    multihost.barrier("datasets_ready", timeout_s=3600)  # process 0 may be building the demo data
+  multihost.barrier("datasets_ready", timeout_s=3600)  # process 0 may be building the demo data
   if training:
     check_train_sizes(config)
   else:
