@@ -38,11 +38,26 @@ _DEMO_DATA = {}
 
 
 def demo_data_dir(tmp_path_factory) -> str:
-  """The demo dataset, built once per test session (shared by the resilience test modules)."""
+  """The demo dataset, built once per test session and shared by all its test modules.
+
+  Under pytest-xdist every worker has its own base temp directory below one shared by the
+  session; the dataset goes there, and a file lock lets the first worker build it while the
+  others wait (a build costs ~10 s of CPU).
+  """
   if "dir" not in _DEMO_DATA:
+    import fcntl
     from udajax import datasets
-    data_dir = str(tmp_path_factory.mktemp("tfds_resilience"))
-    datasets.ensure_demo_built(data_dir)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+      base = base.parent  # the session's directory, above the workers' own
+    data_dir = os.path.join(str(base), "udajax_demo_data")
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(str(base), "udajax_demo_data.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        datasets.ensure_demo_built(data_dir)
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
     _DEMO_DATA["dir"] = data_dir
   return _DEMO_DATA["dir"]
 
