@@ -62,7 +62,7 @@ FILE_SECONDS = {
     "test_methods.py": 222, "test_step_modes.py": 164, "test_train_step.py": 132,
     "test_multihost.py": 110, "test_embeddings.py": 103, "test_resume.py": 91,
     "test_trainer.py": 90, "test_predict.py": 88, "test_evaluation_parity.py": 82,
-    "test_multihost_start.py": 68, "test_bad_inputs.py": 61, "test_profile_script.py": 56,
+    "test_multihost_start.py": 37, "test_bad_inputs.py": 61, "test_profile_script.py": 56,
     "test_divergence.py": 48, "test_conv.py": 41, "test_evaluate.py": 39, "test_losses.py": 36,
     "test_models.py": 35, "test_optim.py": 31, "test_losses_pmap.py": 26,
     "test_input_pipeline.py": 15, "test_convert_checkpoint.py": 6, "test_datasets.py": 3,

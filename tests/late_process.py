@@ -1,11 +1,12 @@
 """One process of tests/test_multihost_start.py: `python tests/late_process.py PORT PROCESS_ID
-DELAY_S [--plain]` (2 processes x 2 CPU devices).
+DELAY_S [--plain] [--late_at=both|psum|allgather]` (2 processes x 2 CPU devices).
 
 After start-up (`udajax.multihost.initialize`, or with --plain only `jax.distributed.initialize`),
 process 1 arrives DELAY_S late at its first collective over all devices (a pmapped psum, as the
 train and eval steps), then process 0 arrives DELAY_S late at its first collective over one
-device per process (`process_allgather`, as orbax's barriers). Prints "ok <values>" and exits 0
-when both collectives returned the right values.
+device per process (`process_allgather`, as orbax's barriers). `--late_at=psum` or
+`--late_at=allgather` keeps only that one delay (the test runs one pair of processes for each,
+side by side). Prints "ok <values>" and exits 0 when both collectives returned the right values.
 """
 
 import os
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 from udajax import multihost  # noqa: E402
 
 
-def main(port, process_id, delay_s, plain):
+def main(port, process_id, delay_s, plain, late_at="both"):
   address = f"127.0.0.1:{port}"
   if plain:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -30,12 +31,12 @@ def main(port, process_id, delay_s, plain):
                                process_id=process_id)
   else:
     multihost.initialize(address, 2, process_id)
-  if process_id == 1:
+  if process_id == 1 and late_at in ("both", "psum"):
     time.sleep(delay_s)
   x = np.full((jax.local_device_count(),), process_id + 1.0, np.float32)
   total = jax.pmap(lambda v: jax.lax.psum(v * 2, "d"), axis_name="d")(x)
   total = float(total.addressable_shards[0].data[0])
-  if process_id == 0:
+  if process_id == 0 and late_at in ("both", "allgather"):
     time.sleep(delay_s)
   gathered = multihost_utils.process_allgather(np.int64(10 + process_id)).tolist()
   multihost.barrier("done")
@@ -44,4 +45,7 @@ def main(port, process_id, delay_s, plain):
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), "--plain" in sys.argv)
+  late = [a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("--late_at=")]
+  assert late in ([], ["both"], ["psum"], ["allgather"]), sys.argv
+  main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), "--plain" in sys.argv,
+       *late)

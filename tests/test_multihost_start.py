@@ -4,11 +4,11 @@ processes that reach their first collectives far apart still meet there.
 Gloo, the CPU backend's cross-process transport, connects a device group at the group's first
 collective and fails after 30 s without every process ("Gloo context initialization failed");
 the failing process then hung 300 s in jax.distributed's shutdown. `udajax.multihost.initialize`
-connects both groups the trainer uses at start, so here one process is 33 s late at the first
-psum over all devices and the other 33 s late at the first `process_allgather` (one device per
-process), and both finish. With only `jax.distributed.initialize`
-(`python tests/late_process.py PORT ID 33 --plain`), the first collective failed that way and
-neither process had exited 200 s later.
+connects both groups the trainer uses at start, so here two pairs of processes run side by side:
+in one, a process is 33 s late at the first psum over all devices; in the other, a process is
+33 s late at the first `process_allgather` (one device per process); all four finish. With only
+`jax.distributed.initialize` (`python tests/late_process.py PORT ID 33 --plain`, both delays),
+the first collective failed that way and neither process had exited 200 s later.
 """
 
 import os
@@ -20,12 +20,18 @@ LATE_S = 33  # beyond gloo's 30 s connection deadline
 
 
 def test_late_processes_meet_at_first_collectives(tmp_path):
-  port = train_cli.free_port()
   script = os.path.join(train_cli.ROOT, "tests", "late_process.py")
-  procs = [train_cli.start([sys.executable, script, str(port), str(pid), str(LATE_S)],
-                           str(tmp_path / f"late{pid}.log")) for pid in range(2)]
+  procs, ports = [], set()
+  for late_at in ("psum", "allgather"):  # one pair of processes each, side by side
+    port = train_cli.free_port()
+    while port in ports:  # the first pair's coordinator may not be listening yet
+      port = train_cli.free_port()
+    ports.add(port)
+    procs += [train_cli.start([sys.executable, script, str(port), str(pid), str(LATE_S),
+                               f"--late_at={late_at}"], str(tmp_path / f"{late_at}{pid}.log"))
+              for pid in range(2)]
   rcs = train_cli.wait_all(procs, 240)
-  assert rcs == [0, 0], train_cli.log_tails(procs)
+  assert rcs == [0, 0, 0, 0], train_cli.log_tails(procs)
   for p in procs:
     with open(p.log_path) as f:
       assert "ok 12.0 [10, 11]" in f.read()
