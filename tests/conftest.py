@@ -53,24 +53,31 @@ def pytest_sessionstart(session):
 
 
 # Seconds each test file took from a cold compilation cache with `-n 2` (2-core AMD EPYC VM with
-# AVX-512, 2026-12-04; the sum of its tests' setup + call times). Files are handed to the xdist
-# workers longest first (pytest.ini's --no-loadscope-reorder keeps this order; xdist would
-# otherwise order them by their number of tests, which left the slow one-test multi-process
-# files to run alone at the end). Unlisted files (new ones) go first, in collection order, since
-# their cost is unknown and they are usually small.
+# AVX-512, 2026-12-04, xdist's default order: the sum of its tests' setup + call times; the
+# multi-process start-up test as it runs now). With `--dist loadfile` the files are handed to the
+# xdist workers longest first: xdist's own order (by number of tests) left the slow one-test
+# multi-process files to run alone at the end. Unlisted files go first, in collection order.
 FILE_SECONDS = {
     "test_methods.py": 222, "test_step_modes.py": 164, "test_train_step.py": 132,
     "test_multihost.py": 110, "test_embeddings.py": 103, "test_resume.py": 91,
     "test_trainer.py": 90, "test_predict.py": 88, "test_evaluation_parity.py": 82,
-    "test_multihost_start.py": 37, "test_bad_inputs.py": 61, "test_profile_script.py": 56,
-    "test_divergence.py": 48, "test_conv.py": 41, "test_evaluate.py": 39, "test_losses.py": 36,
-    "test_models.py": 35, "test_optim.py": 31, "test_losses_pmap.py": 26,
+    "test_bad_inputs.py": 61, "test_profile_script.py": 56, "test_divergence.py": 48,
+    "test_conv.py": 41, "test_evaluate.py": 39, "test_multihost_start.py": 46,
+    "test_losses.py": 36, "test_models.py": 35, "test_optim.py": 31, "test_losses_pmap.py": 26,
     "test_input_pipeline.py": 15, "test_convert_checkpoint.py": 6, "test_datasets.py": 3,
-    "test_ops.py": 3, "test_metrics.py": 1, "test_compiles.py": 1,
+    "test_ops.py": 3, "test_metrics.py": 1, "test_compiles.py": 1, "test_configuration.py": 0.5,
+    "test_labels.py": 0.5,
 }
+
+
+def pytest_configure(config):
+  """Keeps the order below under xdist (`--no-loadscope-reorder`, set here rather than in
+  pytest.ini so that pytest still starts where xdist is not loaded)."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):
   """Orders the collected tests by file, longest first (FILE_SECONDS); a stable sort."""
   del session, config
-  items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(str(item.fspath)), 1e9))
+  items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 1e9))

@@ -46,6 +46,9 @@ def main(port, process_id, delay_s, plain, late_at="both"):
 
 if __name__ == "__main__":
   late = [a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("--late_at=")]
-  assert late in ([], ["both"], ["psum"], ["allgather"]), sys.argv
+  unknown = [a for a in sys.argv[4:] if a != "--plain" and not a.startswith("--late_at=")]
+  if unknown or late not in ([], ["both"], ["psum"], ["allgather"]):
+    sys.exit("usage: python tests/late_process.py PORT PROCESS_ID DELAY_S [--plain] "
+             f"[--late_at=both|psum|allgather]; got {sys.argv[4:]}")
   main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), "--plain" in sys.argv,
        *late)

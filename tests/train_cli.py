@@ -48,8 +48,8 @@ def demo_data_dir(tmp_path_factory) -> str:
     import fcntl
     from udajax import datasets
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-      base = base.parent  # the session's directory, above the workers' own
+    if os.environ.get("PYTEST_XDIST_WORKER") and base.name.startswith("popen-"):
+      base = base.parent  # the session's directory, above the local workers' own
     data_dir = os.path.join(str(base), "udajax_demo_data")
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(str(base), "udajax_demo_data.lock"), "w") as lock:

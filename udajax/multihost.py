@@ -7,7 +7,7 @@ the waiting process raises, and its exit then waits 300 s in `jax.distributed`'s
 barrier for the process that was late. A process starved of CPU on a shared machine, or one
 that builds a dataset while the others wait, reached a first collective that late. Once a
 group is connected, a later collective (another program over the same devices) waits for a
-late process without that deadline (tests/test_multihost_start.py: 33 s late).
+late process without that deadline (tests/test_multihost_start.py: 40 s late).
 
 `initialize` therefore connects both device groups the run uses (all devices: the pmapped
 train and eval steps; one device per process: `multihost_utils.sync_global_devices`, orbax's
