@@ -9,6 +9,7 @@ device per process (`process_allgather`, as orbax's barriers). `--late_at=psum` 
 side by side). Prints "ok <values>" and exits 0 when both collectives returned the right values.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np  # noqa: E402
 from udajax import multihost  # noqa: E402
 
 
-def main(port, process_id, delay_s, plain, late_at="both"):
+def main(port, process_id, delay_s, plain, late_at):
   address = f"127.0.0.1:{port}"
   if plain:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -45,10 +46,11 @@ def main(port, process_id, delay_s, plain, late_at="both"):
 
 
 if __name__ == "__main__":
-  late = [a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("--late_at=")]
-  unknown = [a for a in sys.argv[4:] if a != "--plain" and not a.startswith("--late_at=")]
-  if unknown or late not in ([], ["both"], ["psum"], ["allgather"]):
-    sys.exit("usage: python tests/late_process.py PORT PROCESS_ID DELAY_S [--plain] "
-             f"[--late_at=both|psum|allgather]; got {sys.argv[4:]}")
-  main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), "--plain" in sys.argv,
-       *late)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("port", type=int)
+  parser.add_argument("process_id", type=int)
+  parser.add_argument("delay_s", type=float)
+  parser.add_argument("--plain", action="store_true")
+  parser.add_argument("--late_at", choices=("both", "psum", "allgather"), default="both")
+  a = parser.parse_args()
+  main(a.port, a.process_id, a.delay_s, a.plain, a.late_at)
