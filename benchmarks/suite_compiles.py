@@ -3,8 +3,9 @@
 Two uses:
 
   # 1. As a pytest plugin: sums the compile events of each test, per pytest process, into
-  #    OUT_DIR/compiles_<worker>.json ({test id: [compilations, compile s, trace + lower s]}),
-  #    then prints the totals and the 30 costliest tests.
+  #    OUT_DIR/compiles_<worker>.json ({test id: [compilations, compile s, trace + lower s]})
+  #    and by compiled function into OUT_DIR/functions_<worker>.json; then prints the totals,
+  #    the 30 costliest tests and the 20 costliest functions.
   PYTHONPATH=benchmarks SUITE_COMPILES_DIR=/tmp/sc JAX_COMPILATION_CACHE_DIR=/tmp/sc/cache \\
       python -m pytest -p suite_compiles -q -n 2 --dist loadfile tests
   python benchmarks/suite_compiles.py --tests /tmp/sc
@@ -28,13 +29,16 @@ _TRACE = ("/jax/core/compile/jaxpr_trace_duration",
           "/jax/core/compile/jaxpr_to_mlir_module_duration")
 _current = ["<outside tests>"]
 _stats = collections.defaultdict(lambda: [0, 0.0, 0.0])
+_by_function = collections.defaultdict(lambda: [0, 0.0])  # compiled function's name
 
 
 def _on_event(event, duration, **kwargs):
-  del kwargs
   if event == _COMPILE:
     _stats[_current[0]][0] += 1
     _stats[_current[0]][1] += duration
+    name = _by_function[kwargs.get("fun_name", "?")]
+    name[0] += 1
+    name[1] += duration
   elif event in _TRACE:
     _stats[_current[0]][2] += duration
 
@@ -57,6 +61,8 @@ def pytest_unconfigure(config):
   worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
   with open(os.path.join(out, f"compiles_{worker}.json"), "w") as f:
     json.dump(dict(_stats), f)
+  with open(os.path.join(out, f"functions_{worker}.json"), "w") as f:
+    json.dump(dict(_by_function), f)
 
 
 def summarize_tests(out_dir):
@@ -69,6 +75,15 @@ def summarize_tests(out_dir):
         f"trace + lower {sum(r[2] for r in rows):.0f} s")
   for s, n, t, test in rows[:30]:
     print(f"{s:7.1f} s {n:5d} compilations {t:6.1f} s trace+lower  {test}")
+  by_function = collections.defaultdict(lambda: [0, 0.0])
+  for path in glob.glob(os.path.join(out_dir, "functions_*.json")):
+    with open(path) as f:
+      for name, (n, s) in json.load(f).items():
+        by_function[name][0] += n
+        by_function[name][1] += s
+  print("by compiled function (all processes of the run that the plugin saw):")
+  for name, (n, s) in sorted(by_function.items(), key=lambda kv: -kv[1][1])[:20]:
+    print(f"{s:7.1f} s {n:5d} compilations  {name}")
 
 
 def summarize_cache(cache_dir):

@@ -8,6 +8,8 @@
 """
 
 import functools
+import os
+import shutil
 
 import flax
 import jax
@@ -262,9 +264,10 @@ def test_baseline_configs_differ_from_the_paper_config_only_in_the_objective(nam
 
 def test_adversarial_training_logs_and_resumes_exactly(tmp_path, tmp_path_factory):
   """train_and_evaluate on the demo data (tiny model, 4 devices x 1 image): the discriminator's
-  loss and per-domain accuracy are logged; a run stopped at step 2 and resumed ends with the
-  same segmenter params and the same discriminator params and Adam state as an uninterrupted
-  run (bit for bit)."""
+  loss and per-domain accuracy are logged; a run resumed from the uninterrupted run's step-2
+  checkpoint (copied into a new work directory) ends with the same segmenter params and the same
+  discriminator params and Adam state as the uninterrupted run (bit for bit). Stopping a run at
+  `train.stop_step` is tested in tests/test_trainer.py."""
   from tests.test_trainer import event_tags, tiny_demo_config
   from tests import train_cli
   from udajax import checkpoints
@@ -290,8 +293,9 @@ def test_adversarial_training_logs_and_resumes_exactly(tmp_path, tmp_path_factor
   for name in ["train/ce", "train/adversarial", "train/disc_loss", "train/disc_acc_source",
                "train/disc_acc_target", "train/total"]:
     assert name in event_tags(full), name
-  trainer.train_and_evaluate(config(stop_step=2), part)
+  shutil.copytree(os.path.join(full, "checkpoints", "2"), os.path.join(part, "checkpoints", "2"))
   trainer.train_and_evaluate(config(), part)
+  assert sorted(train_cli.scalars(part)["train/disc_loss"]) == [3, 4]  # resumed, not restarted
   a, b = final_state(full), final_state(part)
   assert int(a.step) == int(b.step) == 4
   la, lb = disc_leaves(a), disc_leaves(b)

@@ -5,6 +5,8 @@ converter on full-depth nets. Full-size nets run eagerly (no jit): one full ResN
 per mode costs a few seconds on CPU instead of a ~20 s compile.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from data_prep.convert_torch_checkpoint import convert_checkpoint, convert_state_dict
 from tests import torch_reference_models as tref
 from udajax import batch_norm
+from udajax import compiles
 from udajax import images as images_lib
 from udajax import models
 from udajax.models import DeepLabV2
@@ -241,6 +244,20 @@ def test_classifier_init_follows_reference():
     k, b = np.asarray(v[name]["kernel"]), np.asarray(v[name]["bias"])
     assert k.shape == (3, 3, 64, 7) and abs(k.std() - 0.01) < 0.001 and abs(k.mean()) < 0.001
     assert np.all(np.abs(b) <= 1 / np.sqrt(9 * 64)) and np.unique(b).size == 7
+
+
+def test_init_compiled_at_llvm_o1_equals_the_default_compile():
+  """`compiles.jit_init` (XLA CPU at LLVM -O1) gives the parameters and BN statistics of a
+  default-options compile bit for bit (every initialiser kind: normal, uniform, ones, zeros)."""
+  model = DeepLabV2(19, stage_blocks=(1, 1, 1, 1), base_width=4)
+  args = (jax.random.PRNGKey(3), jnp.zeros((1, 64, 64, 3), jnp.float32))
+  init = functools.partial(model.init, train=False)
+  assert compiles.INIT_COMPILER_OPTIONS["cpu"] == {"xla_backend_optimization_level": 1}
+  cheap = jax.tree_util.tree_leaves_with_path(compiles.jit_init(init, *args))
+  default = jax.tree_util.tree_leaves(jax.jit(init).lower(*args).compile()(*args))
+  assert len(cheap) == len(default) == 89
+  for (path, a), b in zip(cheap, default, strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_tiny_remat_bf16_and_four_branch_head_vs_torch(tmp_path):

@@ -17,10 +17,12 @@ from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import jax_utils
 from flax.training import train_state as flax_train_state
 
+from udajax import compiles
 from udajax import losses
 from udajax import methods
 from udajax import metrics as metrics_lib
@@ -82,7 +84,7 @@ def init_variables(config, rng, image_size=(64, 64)):
   """Fresh variables of the configured model (shapes do not depend on the image size)."""
   model = create_model(config, axis_name=None)
   images = jnp.zeros((1,) + tuple(image_size) + (3,), jnp.float32)
-  return jax.jit(functools.partial(model.init, train=False))(rng, images)
+  return compiles.jit_init(functools.partial(model.init, train=False), rng, images)
 
 
 def feature_dim(config) -> int:
@@ -110,11 +112,14 @@ def create_train_state(config, variables, rng) -> TrainState:
 
 
 def unreplicate(tree):
-  """The first device's copy of a pmap-replicated tree (leading device axis removed).
+  """The first local device's copy of a pmap-replicated tree, as host numpy arrays (leading
+  device axis removed).
 
-  (flax.jax_utils.unreplicate keeps the device axis when pmap ran on 1 of several devices.)
+  The copy is fetched whole and sliced on the host: slicing on the device compiled two small
+  XLA programs per distinct leaf shape in every process. (flax.jax_utils.unreplicate keeps the
+  device axis when pmap ran on 1 of several devices.)
   """
-  return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
 def replicate(tree, devices=None, axis_name=AXIS):

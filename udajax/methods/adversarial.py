@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from udajax import compiles
 from udajax import losses
 from udajax.errors import ConfigError
 from udajax.methods.base import MethodOutput
@@ -113,7 +114,7 @@ def disc_lr(config, step):
 
 def init_state(config, feature_dim, rng):
   images = jnp.zeros((1, 64, 64, feature_dim()), jnp.float32)
-  params = jax.jit(discriminator(config).init)(rng, images)["params"]
+  params = compiles.jit_init(discriminator(config).init, rng, images)["params"]
   return {"params": params, "opt_state": disc_optimizer(config).init(params)}
 
 
