@@ -5,13 +5,14 @@
 
 Per model (tiny: the tests' 4-channel stem with one block per stage; demo: configs/demo.py;
 resnet101: the paper's DeepLab-v2), `train_step.init_variables`' function is lowered once and
-compiled twice in this process, first with the default options, then with
-`compiles.INIT_COMPILER_OPTIONS` for the backend; the persistent compilation cache is off, so
-both are real compilations. Both executables then run on the same key and their outputs are
-compared leaf by leaf with `np.array_equal`.
+compiled three times in this process: with the default options, with
+`compiles.INIT_COMPILER_OPTIONS` for the backend, and at LLVM -O0 (for comparison, not used);
+the persistent compilation cache is off, so all are real compilations. The executables then run
+on the same key and their outputs are compared with the default's leaf by leaf
+(`np.array_equal`).
 
 Prints one JSON line per model (also appended to --output): model, leaves, compile_s_default,
-compile_s_udajax, options, bit_identical, backend, cpu.
+compile_s_udajax, options, bit_identical, compile_s_o0, bit_identical_o0, backend, cpu.
 """
 
 import functools
@@ -56,14 +57,18 @@ def measure(name: str) -> dict:
   lowered = jax.jit(functools.partial(model.init, train=False)).lower(*args)
   options = compiles.INIT_COMPILER_OPTIONS.get(jax.default_backend())
   seconds, outputs = [], []
-  for opts in (None, options):
+  for opts in (None, options, {"xla_backend_optimization_level": 0}):
     start = time.perf_counter()
     executable = lowered.compile(opts)
     seconds.append(time.perf_counter() - start)
     outputs.append(jax.tree_util.tree_leaves(jax.device_get(executable(*args))))
-  same = all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True))
+
+  def same(i):
+    return all(np.array_equal(a, b) for a, b in zip(outputs[0], outputs[i], strict=True))
+
   return {"model": name, "leaves": len(outputs[0]), "compile_s_default": round(seconds[0], 2),
-          "compile_s_udajax": round(seconds[1], 2), "options": options, "bit_identical": same,
+          "compile_s_udajax": round(seconds[1], 2), "options": options, "bit_identical": same(1),
+          "compile_s_o0": round(seconds[2], 2), "bit_identical_o0": same(2),
           "backend": jax.default_backend(), "cpu": cpu_name()}
 
 
