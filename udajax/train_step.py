@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import jax_utils
 from flax.training import train_state as flax_train_state
 
 from udajax import compiles
@@ -125,8 +124,20 @@ def unreplicate(tree):
 def replicate(tree, devices=None, axis_name=AXIS):
   """`tree` stacked on a leading device axis with the sharding the pmapped step returns (mesh
   axis `axis_name`; flax's default axis name "_device_put_sharded" made step 2 recompile).
+
+  `devices` defaults to the local devices in pmap's order. Each leaf goes through the host and
+  is transferred to every device as it is (flax.jax_utils.replicate stacks jax arrays on the
+  device, which compiled two small XLA programs per distinct leaf shape in every process).
   """
-  return jax_utils.replicate(tree, devices=devices, axis_name=axis_name)
+  devices = list(devices or jax.local_devices())
+  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+  def replicate_leaf(x):
+    x = np.asarray(x)
+    return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
+
+  return jax.tree_util.tree_map(replicate_leaf, tree)
 
 
 def _softmax(logits):
