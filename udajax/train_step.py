@@ -118,7 +118,7 @@ def unreplicate(tree):
   XLA programs per distinct leaf shape in every process. (flax.jax_utils.unreplicate keeps the
   device axis when pmap ran on 1 of several devices.)
   """
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0, ...], tree)
 
 
 def replicate(tree, devices=None, axis_name=AXIS):
