@@ -81,7 +81,7 @@ class Summary:
 
 def fetch(window, names) -> Summary:
   """The host summary of a replicated window (waits for the steps added to it)."""
-  w = jax.device_get(ts.unreplicate(window))
+  w = ts.unreplicate(window)
   total, count = w["sum"][:len(names)], np.float32(w["count"])
   with np.errstate(invalid="ignore", divide="ignore"):
     means = total / count  # float32, nan when every step of the window was skipped

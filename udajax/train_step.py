@@ -129,15 +129,21 @@ def replicate(tree, devices=None, axis_name=AXIS):
   is transferred to every device as it is (flax.jax_utils.replicate stacks jax arrays on the
   device, which compiled two small XLA programs per distinct leaf shape in every process).
   """
-  devices = list(devices or jax.local_devices())
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+  devices = jax.local_devices() if devices is None else list(devices)
+  sharding = device_sharding(devices, axis_name)
 
   def replicate_leaf(x):
     x = np.asarray(x)
     return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
 
   return jax.tree_util.tree_map(replicate_leaf, tree)
+
+
+def device_sharding(devices=None, axis_name=AXIS) -> jax.sharding.NamedSharding:
+  """The sharding of a pmapped step's inputs and outputs: the leading axis split over `devices`
+  (default: the local devices in pmap's order) on the mesh axis `axis_name`."""
+  devices = jax.local_devices() if devices is None else devices
+  return jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis_name,)), jax.P(axis_name))
 
 
 def _softmax(logits):

@@ -134,13 +134,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             summary = evaluate_and_log(config, p_eval_step, rstate, writer, step)
           score = summary[evaluation.selection_metric(config.num_classes)]
         if save_now:
-          checkpoints.save_state(manager, step, _host_state(rstate), score=score)
+          checkpoints.save_state(manager, step, ts.unreplicate(rstate), score=score)
 
         if step < last_step and notice.reached(manager, step):
           if not log_now:
             _warn_skipped(_checked_window(config, manager, writer, window, step_metrics))
           if manager.latest_step() != step:
-            checkpoints.save_state(manager, step, _host_state(rstate), force=True)
+            checkpoints.save_state(manager, step, ts.unreplicate(rstate), force=True)
           manager.wait_until_finished()
           writer.flush()
           logging.warning("Preempted: checkpoint saved at step %d in %s", step, manager.directory)
@@ -161,9 +161,7 @@ def prefetch_to_device(iterator, size: int, devices=None, axis_name: str = ts.AX
   batch (flax builds a mesh and stacks a copy per array: twice the host time per step on CPU),
   on the train step's mesh axis `axis_name`, like the state (`train_step.replicate`).
   """
-  devices = jax.local_devices() if devices is None else devices
-  sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis_name,)),
-                               jax.P(axis_name))
+  sharding = ts.device_sharding(devices, axis_name)
   iterator = iter(iterator)
   queue = collections.deque(jax.device_put(b, sharding) for b in itertools.islice(iterator, size))
   while queue:
@@ -226,10 +224,6 @@ def _warn_skipped(fetched: log_window.Summary) -> None:
   if fetched.first_bad_step:
     logging.warning("%s; update skipped (%d update(s) skipped in this log window)",
                     _non_finite_message(fetched), fetched.skipped)
-
-
-def _host_state(rstate) -> ts.TrainState:
-  return jax.device_get(ts.unreplicate(rstate))
 
 
 def flat_hparams(config) -> dict:
