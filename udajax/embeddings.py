@@ -273,9 +273,9 @@ def measure_checkpoint(config, checkpoint: str, output: str, *, which: str = "be
   data.prepare_datasets(config, training=False)
   datasets.load_builder(config.source.name, config.source.builder_config, config.data_dir)
   variables, step = evaluation.load_checkpoint_variables(config, checkpoint, which)
-  import flax
   from udajax import embedding_plots
-  replicated = flax.jax_utils.replicate(variables)
+  from udajax import train_step as ts
+  replicated = ts.replicate(variables)
   result = measure(config, replicated["params"], replicated.get("batch_stats", {}),
                    num_images=num_images, points_per_class=points_per_class)
   names = labels_lib.class_names(config.num_classes)

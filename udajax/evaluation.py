@@ -11,7 +11,6 @@ import copy
 import math
 from typing import Dict, Iterator, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,7 +137,7 @@ def evaluate_checkpoint(config, checkpoint: str, which: str = "best") -> Dict[st
   configuration.validate_config(config)
   data.prepare_datasets(config, training=False)
   variables, step = load_checkpoint_variables(config, checkpoint, which)
-  replicated = flax.jax_utils.replicate(variables)
+  replicated = ts.replicate(variables)
   cm, count, _ = _run(config, ts.make_p_eval_step(config), replicated["params"],
                       replicated.get("batch_stats", {}))
   if jax.process_count() > 1:

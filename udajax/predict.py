@@ -254,15 +254,15 @@ def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color",
     raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
   # Bad image files fail within a second, before jax and TensorFlow are even imported.
   sizes = check_images(list_images(images)) if images else None
-  import flax
   from udajax import configuration
   from udajax import data
   from udajax import evaluation
+  from udajax import train_step as ts
   configuration.validate_config(config)
   if sizes is None:
     data.prepare_datasets(config, training=False)
   variables, step = evaluation.load_checkpoint_variables(config, checkpoint, which)
-  replicated = flax.jax_utils.replicate(variables)
+  replicated = ts.replicate(variables)
   writer = _Writer(os.path.abspath(os.path.expanduser(output)), fmt, config.num_classes)
   if sizes is None:
     n = predict_eval_set(config, replicated, writer, progress=progress)
