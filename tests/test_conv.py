@@ -117,14 +117,16 @@ def _largest_fusion_operand_count(stage_blocks):
   """Most operands of any fused kernel in the compiled train-mode gradient of a tiny ResNet."""
   model = models.DeepLabV2(num_classes=3, stage_blocks=stage_blocks, base_width=4)
   x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  # Only the variables' shapes matter for the compiled program: traced, not initialised.
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
 
-  def loss(params):
-    (logits, feats), _ = model.apply({**variables, "params": params}, x, train=True,
-                                     mutable=["batch_stats"])
+  def loss(params, batch_stats):
+    (logits, feats), _ = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                     train=True, mutable=["batch_stats"])
     return jnp.sum(logits) + jnp.sum(feats)
 
-  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"],
+                                      variables["batch_stats"]).compile().as_text()
   entry = hlo[hlo.index("\nENTRY"):]
   counts = [m.count("%") for m in re.findall(r" fusion\(([^)]*)\)", entry)]
   return max(counts)

@@ -149,20 +149,12 @@ def demo_data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir):
-  c = importlib.import_module("configs.demo").get_config()
-  c.data_dir = data_dir
-  c.model.base_width = 4
-  c.train.batch_size_per_device = 1
-  c.train.num_steps = 2
-  c.train.warmup_source_only_steps = 0
-  c.train.checkpoint_every_steps = 2
-  c.eval.every_steps = 2
-  c.eval.split = "validation[:8]"
-  c.eval.batch_size_per_device = 2
-  c.eval.num_images_to_log = 0
-  c.eval.embedding_images = 6
-  c.eval.embedding_points_per_class = 20
-  return c
+  """`train_cli.config` (whose train step the subprocess tests compile too) trained for its 10
+  steps, with one eval at the end on 8 images that logs the embedding diagnostics."""
+  return train_cli.config(data_dir, **{
+      "train.log_every_steps": 10, "train.checkpoint_every_steps": 10, "eval.every_steps": 10,
+      "eval.split": "validation[:8]", "eval.batch_size_per_device": 2,
+      "eval.embedding_images": 6, "eval.embedding_points_per_class": 20})
 
 
 TINY_FLAGS = ["--config=configs/demo.py", "--config.model.base_width=4",
@@ -177,7 +169,7 @@ def _run_cli(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def trained(demo_data_dir, tmp_path_factory):
-  """A 2-step tiny run: its workdir and its TensorBoard tags."""
+  """A 10-step tiny run: its workdir and its TensorBoard tags."""
   from tests.test_trainer import event_tags
   from udajax import trainer
   workdir = str(tmp_path_factory.mktemp("embeddings_run"))
@@ -203,7 +195,7 @@ def test_cli_workdir_and_converted_checkpoint(trained, demo_data_dir, tmp_path):
   assert sorted(os.listdir(out)) == ["cosine.png", "embeddings.json", "embeddings.png",
                                      "projection.png"]
   record = json.loads((out / "embeddings.json").read_text())
-  assert record["step"] == 2 and record["num_images"] == {"source": 5, "target": 5}
+  assert record["step"] == 10 and record["num_images"] == {"source": 5, "target": 5}
   assert record["assignment"] == {"source": "labels", "target": "labels"}
   assert set(record["scalars"]) == set(embedding_metrics.SCALAR_KEYS)
   for k in ("orthogonality/source", "orthogonality/target", "alignment"):

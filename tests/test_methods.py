@@ -138,7 +138,8 @@ def test_discriminator_and_both_losses_match_adaptsegnet():
 def test_discriminator_too_small_feature_map_is_one_clear_error():
   config = _disc_config()
   with pytest.raises(configuration.ConfigError, match=r"'adaptation.disc_strides'.*12x24"):
-    adversarial.discriminator(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 24, 8)))
+    jax.eval_shape(lambda: adversarial.discriminator(config).init(  # traced, not compiled
+        jax.random.PRNGKey(0), jnp.zeros((1, 12, 24, 8))))
 
 
 # ------------------------------------------------------------------------------------------------

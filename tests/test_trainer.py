@@ -11,7 +11,6 @@ compiled again: the state made by `flax.jax_utils.replicate` sat on a mesh axis 
 import contextlib
 
 import glob
-import importlib
 import json
 import os
 
@@ -49,16 +48,13 @@ def step_compiles(monkeypatch):
 
 
 def tiny_demo_config(data_dir, **train):
-  c = importlib.import_module("configs.demo").get_config()
-  c.data_dir = data_dir
-  c.model.base_width = 4
-  c.train.batch_size_per_device = 1
-  c.train.num_steps = 6
-  c.train.warmup_source_only_steps = 0
-  c.train.log_every_steps = 2
-  c.train.checkpoint_every_steps = 3
-  c.eval.every_steps = 6
-  c.eval.batch_size_per_device = 8
+  """`train_cli.config` (the tiny demo run of the subprocess tests, whose train step this one
+  shares through the persistent compilation cache: only the logging, checkpoint and eval
+  cadence differ) with 10 steps, a log every 2, a checkpoint every 5 and one eval at the end,
+  which logs its images; `train` overrides `config.train` entries."""
+  c = train_cli.config(data_dir, **{
+      "train.log_every_steps": 2, "train.checkpoint_every_steps": 5, "eval.every_steps": 10,
+      "eval.batch_size_per_device": 8, "eval.num_images_to_log": 3})
   for k, v in train.items():
     c.train[k] = v
   return c
@@ -90,11 +86,11 @@ def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path, ste
     assert name in tags, name
   steps = sorted(int(os.path.basename(p))
                  for p in glob.glob(os.path.join(full, "checkpoints", "[0-9]*")))
-  assert steps == [3, 6]
+  assert steps == [5, 10]
 
-  # Interrupted at step 3, then restarted in the same workdir: same final parameters.
+  # Interrupted at step 5, then restarted in the same workdir: same final parameters.
   part = str(tmp_path / "part")
-  trainer.train_and_evaluate(tiny_demo_config(demo_data_dir, stop_step=3), part)
+  trainer.train_and_evaluate(tiny_demo_config(demo_data_dir, stop_step=5), part)
   trainer.train_and_evaluate(tiny_demo_config(demo_data_dir), part)
   a, b = final_params(full), final_params(part)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):

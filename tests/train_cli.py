@@ -37,6 +37,15 @@ TINY = {
 _DEMO_DATA = {}
 
 
+def session_dir(tmp_path_factory) -> str:
+  """The test session's base temporary directory, shared by its pytest-xdist workers (each
+  worker's own base directory lies below it)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER") and base.name.startswith("popen-"):
+    base = base.parent  # the session's directory, above the local workers' own
+  return str(base)
+
+
 def demo_data_dir(tmp_path_factory) -> str:
   """The demo dataset, built once per test session and shared by all its test modules.
 
@@ -47,12 +56,10 @@ def demo_data_dir(tmp_path_factory) -> str:
   if "dir" not in _DEMO_DATA:
     import fcntl
     from udajax import datasets
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER") and base.name.startswith("popen-"):
-      base = base.parent  # the session's directory, above the local workers' own
-    data_dir = os.path.join(str(base), "udajax_demo_data")
+    base = session_dir(tmp_path_factory)
+    data_dir = os.path.join(base, "udajax_demo_data")
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(str(base), "udajax_demo_data.lock"), "w") as lock:
+    with open(os.path.join(base, "udajax_demo_data.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
       try:
         datasets.ensure_demo_built(data_dir)
