@@ -100,9 +100,9 @@ def test_train_logs_checkpoints_and_resumes_exactly(demo_data_dir, tmp_path, ste
 
 
 def test_warmup_stage_then_adaptation(demo_data_dir, tmp_path, step_compiles):
-  """Two stages on copies of the config: the caller's config is left as it was."""
-  config = tiny_demo_config(demo_data_dir, num_steps=2, warmup_source_only_steps=2)
-  config.eval.every_steps = 2
+  """Two stages on copies of the config: the caller's config is left as it was. The adaptation
+  stage is the 10-step tiny run of the other tests (its train step a persistent-cache hit)."""
+  config = tiny_demo_config(demo_data_dir, warmup_source_only_steps=2)
   before = config.to_json()
   result = trainer.train_and_evaluate(config, str(tmp_path / "demo"))
   assert config.to_json() == before
