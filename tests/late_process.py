@@ -6,7 +6,8 @@ process 1 arrives DELAY_S late at its first collective over all devices (a pmapp
 train and eval steps), then process 0 arrives DELAY_S late at its first collective over one
 device per process (`process_allgather`, as orbax's barriers). `--late_at=psum` or
 `--late_at=allgather` keeps only that one delay (the test runs one pair of processes for each,
-side by side). Prints "ok <values>" and exits 0 when both collectives returned the right values.
+side by side). Prints "waited psum=S allgather=S" (seconds in each first collective) and
+"ok <values>", and exits 0 when both collectives returned the right values.
 """
 
 import argparse
@@ -35,12 +36,18 @@ def main(port, process_id, delay_s, plain, late_at):
   if process_id == 1 and late_at in ("both", "psum"):
     time.sleep(delay_s)
   x = np.full((jax.local_device_count(),), process_id + 1.0, np.float32)
+  start = time.monotonic()
   total = jax.pmap(lambda v: jax.lax.psum(v * 2, "d"), axis_name="d")(x)
   total = float(total.addressable_shards[0].data[0])
+  psum_s = time.monotonic() - start
   if process_id == 0 and late_at in ("both", "allgather"):
     time.sleep(delay_s)
+  start = time.monotonic()
   gathered = multihost_utils.process_allgather(np.int64(10 + process_id)).tolist()
+  allgather_s = time.monotonic() - start
   multihost.barrier("done")
+  # Seconds this process spent in each first collective (waiting for the late one included).
+  print(f"waited psum={psum_s:.1f} allgather={allgather_s:.1f}", flush=True)
   print("ok", total, gathered, flush=True)
   assert total == 12.0 and gathered == [10, 11], (total, gathered)
 

@@ -19,6 +19,7 @@ their exit codes. Each runs under `timeout` (coreutils), so a hung process ends 
 
 import fcntl
 import os
+import re
 import sys
 import time
 
@@ -47,8 +48,10 @@ def _start(directory: str) -> None:
         port = train_cli.free_port()
       ports.add(port)
     stem = os.path.join(directory, f"{late_at}{pid}")
-    # The shell records the exit code once python has exited (shutdown included).
-    train_cli.start(["sh", "-c", f'timeout -k 5 {DEADLINE_S} "$@"; echo $? > "{stem}.rc"', "sh",
+    # The shell records the exit code once python has exited (shutdown included); the rename
+    # makes the file appear complete.
+    train_cli.start(["sh", "-c", f'timeout -k 5 {DEADLINE_S} "$@"; echo $? > "{stem}.rc.tmp" && '
+                     f'mv "{stem}.rc.tmp" "{stem}.rc"', "sh",
                      sys.executable, script, str(port), str(pid), str(LATE_S),
                      f"--late_at={late_at}"], stem + ".log")
 
@@ -76,12 +79,16 @@ def test_late_processes_meet_at_first_collectives(tmp_path_factory):
     deadline = float(f.read()) + DEADLINE_S + 10
   stems = [os.path.join(directory, f"{late_at}{pid}") for late_at, pid in _PROCESSES]
 
-  def tails():
-    out = []
-    for stem in stems:
+  def log(stem):
+    try:
       with open(stem + ".log", errors="replace") as f:
-        out.append(f"--- {stem}.log:\n" + "\n".join(f.read().splitlines()[-25:]))
-    return "\n".join(out)
+        return f.read()
+    except FileNotFoundError:
+      return "(no log: the process was not started)"
+
+  def tails():
+    return "\n".join(f"--- {stem}.log:\n" + "\n".join(log(stem).splitlines()[-25:])
+                     for stem in stems)
 
   while not all(os.path.exists(s + ".rc") for s in stems):
     assert time.time() < deadline, f"not finished within {DEADLINE_S} s:\n{tails()}"
@@ -92,5 +99,9 @@ def test_late_processes_meet_at_first_collectives(tmp_path_factory):
       rcs.append(f.read().strip())
   assert rcs == ["0"] * 4, f"exit codes {rcs} (124: killed by timeout)\n{tails()}"
   for stem in stems:
-    with open(stem + ".log") as f:
-      assert "ok 12.0 [10, 11]" in f.read()
+    assert "ok 12.0 [10, 11]" in log(stem), tails()
+  # The on-time process of each pair waited beyond gloo's 30 s connection deadline at the
+  # collective its partner was late for (so the test ran the case it is about).
+  for stem, collective in ((stems[0], "psum"), (stems[3], "allgather")):
+    waited = float(re.search(rf"waited .*{collective}=([0-9.]+)", log(stem)).group(1))
+    assert waited > 30, (stem, collective, waited, tails())
