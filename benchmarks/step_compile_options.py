@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
+from benchmarks.bench_train_step import make_batch  # noqa: E402
 from benchmarks.common import cpu_name, emit_json  # noqa: E402
 from tests import train_cli  # noqa: E402
 from udajax import train_step as ts  # noqa: E402
@@ -54,14 +55,7 @@ def main():
   devices = jax.devices()[:1]
   state = ts.replicate(ts.create_train_state(c, ts.init_variables(c, jax.random.PRNGKey(0)),
                                              jax.random.PRNGKey(1)), devices)
-  rng = np.random.default_rng(0)
-  b = c.train.batch_size_per_device
-  batch = {
-      "source_image": rng.normal(0, 50, (1, b) + tuple(c.source.image_size) + (3,)).astype(
-          np.float32),
-      "source_label": rng.integers(0, 19, (1, b) + tuple(c.source.image_size)).astype(np.int32),
-      "target_image": rng.normal(0, 50, (1, b) + tuple(c.target.image_size) + (3,)).astype(
-          np.float32)}
+  batch = make_batch(c, np.random.default_rng(0))
   lowered = ts.make_p_train_step(c, devices=devices, donate=False).lower(state, batch)
 
   def run(options):

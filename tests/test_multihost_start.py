@@ -17,7 +17,6 @@ their exit codes. Each runs under `timeout` (coreutils), so a hung process ends 
 `DEADLINE_S` even if the test never runs.
 """
 
-import fcntl
 import os
 import re
 import sys
@@ -31,6 +30,8 @@ LATE_S = 40
 # Seconds each process may run (start-up, the 40 s delay, exit) before `timeout` kills it.
 DEADLINE_S = 240
 _PROCESSES = [(late_at, pid) for late_at in ("psum", "allgather") for pid in range(2)]
+# The process of each pair that waits at the collective its partner is late for.
+_ON_TIME = {"psum": 0, "allgather": 1}
 
 
 def _directory(tmp_path_factory) -> str:
@@ -59,17 +60,13 @@ def _start(directory: str) -> None:
 def start_early(tmp_path_factory) -> None:
   """Starts the processes unless this test session already did (a file lock between workers)."""
   directory = _directory(tmp_path_factory)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      started = os.path.join(directory, "started")
-      if not os.path.exists(started):
-        _start(directory)
-        with open(started, "w") as f:
-          f.write(f"{time.time()}\n")
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  with train_cli.session_lock(tmp_path_factory, "late_processes"):
+    started = os.path.join(directory, "started")
+    if not os.path.exists(started):
+      os.makedirs(directory, exist_ok=True)
+      _start(directory)
+      with open(started, "w") as f:
+        f.write(f"{time.time()}\n")
 
 
 def test_late_processes_meet_at_first_collectives(tmp_path_factory):
@@ -102,6 +99,7 @@ def test_late_processes_meet_at_first_collectives(tmp_path_factory):
     assert "ok 12.0 [10, 11]" in log(stem), tails()
   # The on-time process of each pair waited beyond gloo's 30 s connection deadline at the
   # collective its partner was late for (so the test ran the case it is about).
-  for stem, collective in ((stems[0], "psum"), (stems[3], "allgather")):
+  for collective, pid in _ON_TIME.items():
+    stem = os.path.join(directory, f"{collective}{pid}")
     waited = float(re.search(rf"waited .*{collective}=([0-9.]+)", log(stem)).group(1))
     assert waited > 30, (stem, collective, waited, tails())

@@ -5,6 +5,7 @@ Subprocesses inherit the environment pytest set up in conftest.py (4 forced CPU 
 persistent JAX compilation cache), so they reuse the compilations of the in-process runs.
 """
 
+import contextlib
 import glob
 import importlib
 import os
@@ -46,6 +47,20 @@ def session_dir(tmp_path_factory) -> str:
   return str(base)
 
 
+@contextlib.contextmanager
+def session_lock(tmp_path_factory, name: str):
+  """Holds an exclusive file lock `name`.lock in the session's shared directory (one holder
+  among the pytest-xdist workers at a time); yields that directory."""
+  import fcntl
+  base = session_dir(tmp_path_factory)
+  with open(os.path.join(base, name + ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield base
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def demo_data_dir(tmp_path_factory) -> str:
   """The demo dataset, built once per test session and shared by all its test modules.
 
@@ -54,17 +69,11 @@ def demo_data_dir(tmp_path_factory) -> str:
   others wait (a build costs ~10 s of CPU).
   """
   if "dir" not in _DEMO_DATA:
-    import fcntl
     from udajax import datasets
-    base = session_dir(tmp_path_factory)
-    data_dir = os.path.join(base, "udajax_demo_data")
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(base, "udajax_demo_data.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      try:
-        datasets.ensure_demo_built(data_dir)
-      finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    with session_lock(tmp_path_factory, "udajax_demo_data") as base:
+      data_dir = os.path.join(base, "udajax_demo_data")
+      os.makedirs(data_dir, exist_ok=True)
+      datasets.ensure_demo_built(data_dir)
     _DEMO_DATA["dir"] = data_dir
   return _DEMO_DATA["dir"]
 
