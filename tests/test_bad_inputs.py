@@ -227,3 +227,22 @@ def test_typo_in_a_config_file(tmp_path):
   line = _one_error_line(r.stderr)
   assert f"cannot load config file {path}" in line and '"lrr" does not exist' in line, line
   assert 'Did you mean "lr"' in line, line
+
+
+@pytest.mark.parametrize("module,imported", [("udajax.predict", []), ("udajax.evaluate", []),
+                                             ("udajax.embeddings", ["jax"])])
+def test_missing_checkpoint_fails_before_tensorflow_is_imported(tmp_path, module, imported):
+  """predict / evaluate / embeddings with a --checkpoint that does not exist: the one error
+  line comes before TensorFlow (and, but for embeddings' module imports, jax) is imported."""
+  argv = [module, "--config=configs/demo.py", f"--checkpoint={tmp_path / 'no_such_run'}"]
+  if module != "udajax.evaluate":
+    argv.append(f"--output={tmp_path / 'out'}")
+  code = ("import runpy, sys\n"
+          f"sys.argv = {argv!r}\n"
+          "try:\n"
+          f"  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+          "except SystemExit as e:\n"
+          "  print('exit', e.code, [m for m in ('jax', 'tensorflow') if m in sys.modules])\n")
+  r = train_cli.run([sys.executable, "-c", code], timeout=120)
+  assert r.stdout.strip() == f"exit 2 {imported}", (r.stdout, r.stderr[-2000:])
+  assert "no_such_run does not exist" in _one_error_line(r.stderr)

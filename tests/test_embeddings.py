@@ -229,8 +229,10 @@ def test_bad_inputs_one_line(case, demo_data_dir, tmp_path):
     args.append("--which=last")
     expect = "--which=last: value should be one of <best|latest>"
   elif case == "dataset not built":
-    # The target (eval) set is the demo's; the source names GTA5, not built there.
-    args += ["--config.source.name=gta5", "--config.source.builder_config=1280x720"]
+    # The target (eval) set is the demo's; the source names GTA5, not built there. The
+    # checkpoint must exist (an empty folder): a missing one is reported first.
+    args += ["--config.source.name=gta5", "--config.source.builder_config=1280x720",
+             f"--checkpoint={tmp_path}"]
     expect = "python data_prep/build_datasets.py gta5"
   elif case == "bad num_images":
     args.append("--num_images=0")

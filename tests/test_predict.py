@@ -152,8 +152,9 @@ def test_user_errors_are_one_line(case, demo_data_dir, tmp_path):
   args = ["--config=configs/demo.py", f"--config.data_dir={demo_data_dir}",
           f"--output={tmp_path / 'out'}", f"--checkpoint={tmp_path / 'no_such_run'}"]
   if case == "dataset not built":
+    # The checkpoint must exist (an empty folder): a missing one is reported first.
     args += [f"--config.data_dir={tmp_path / 'empty'}", "--config.eval.name=cityscapes",
-             "--config.eval.builder_config=full"]
+             "--config.eval.builder_config=full", f"--checkpoint={tmp_path}"]
     expect = "python data_prep/build_datasets.py cityscapes"
   elif case == "empty glob":
     args.append(f"--images={tmp_path / 'frames' / '*.png'}")

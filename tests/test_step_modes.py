@@ -163,8 +163,12 @@ def test_bfloat16_demo_run_learns(tmp_path, tmp_path_factory):
   c.train.checkpoint_every_steps = 60
   c.eval.every_steps = 60
   c.eval.num_images_to_log = 0
+  # At half the demo's resolution (resized on the fly, train and eval): the same 60 steps at a
+  # quarter of the pixels, 14 s instead of 25 s on the VM below.
+  for d in (c.source, c.target, c.eval):
+    d.image_size = (48, 96)
   summary = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   # Chance: one class everywhere scores at most 100/13 ≈ 7.7 mIoU (13 classes drawn), uniform
-  # random guesses ≈ 4. Measured 2026-11-28: 18.5 after these 60 bf16 steps (21.2 with the code
-  # before the 1×1 convolutions became matrix products).
+  # random guesses ≈ 4. Measured 2026-12-05 (2-core Intel Xeon VM, AVX-512): 21.5 after these 60
+  # bf16 steps (17.6 at the full 96x192).
   assert summary["mIoU"] > 15.0, summary

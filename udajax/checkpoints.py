@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from udajax import errors
 from udajax import multihost
 from udajax import train_step as ts
 from udajax.errors import CheckpointError
@@ -258,12 +259,7 @@ def load_variables(path: str):
 
   Raises CheckpointError naming the path (and how to make one) when it is missing or unreadable.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise CheckpointError(
-        f"init checkpoint {path} does not exist. Convert a PyTorch checkpoint with: "
-        f"python data_prep/convert_torch_checkpoint.py --input=FILE.pth --output={path} "
-        "[--backbone=resnet101|vgg16]")
+  path = errors.require_checkpoint_dir(path, "init checkpoint")
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.restore(path)

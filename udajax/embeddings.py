@@ -259,6 +259,7 @@ def measure_checkpoint(config, checkpoint: str, output: str, *, which: str = "be
                              "per domain")
   if not isinstance(points_per_class, int) or points_per_class < 1:
     raise errors.ConfigError(f"--points_per_class={points_per_class}: must be >= 1")
+  errors.require_checkpoint_dir(checkpoint)
   from udajax import configuration
   from udajax import data  # TensorFlow from here on
   from udajax import datasets

@@ -34,5 +34,23 @@ class TrainingDiverged(RuntimeError):
   """
 
 
+def require_checkpoint_dir(path: str, what: str = "checkpoint") -> str:
+  """`path` (user-expanded, absolute) if it is a directory; else CheckpointError naming it and
+  how to make one. Only `os`: the command-line tools call it before importing jax or TensorFlow,
+  so a mistyped --checkpoint fails within a second.
+
+  A directory is either a udajax work directory or one written by
+  data_prep/convert_torch_checkpoint.py; reading it checks the rest.
+  """
+  import os
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(
+        f"{what} {path} does not exist. Give a udajax work directory, or convert a PyTorch "
+        f"checkpoint with: python data_prep/convert_torch_checkpoint.py --input=FILE.pth "
+        f"--output={path} [--backbone=resnet101|vgg16]")
+  return path
+
+
 # What the CLIs catch and print as one line (exit status 2).
 USER_ERRORS = (UserError,)

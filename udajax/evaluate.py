@@ -45,11 +45,7 @@ def write_json(path: str, result: dict) -> None:
 
 def main(argv):
   del argv
-  import jax
   from udajax import errors
-  from udajax import evaluation
-  from udajax import labels
-  from udajax import metrics
   config = _CONFIG.value
   if _OUTPUT_JSON.value:  # an unwritable path fails now, not after the evaluation
     try:
@@ -58,6 +54,14 @@ def main(argv):
       open(path, "a").close()
     except OSError as e:
       cli.fail(f"cannot write --output_json {_OUTPUT_JSON.value}: {e}")
+  try:  # a missing checkpoint fails before jax and TensorFlow are imported
+    errors.require_checkpoint_dir(_CHECKPOINT.value)
+  except errors.USER_ERRORS as e:
+    cli.fail(str(e))
+  import jax
+  from udajax import evaluation
+  from udajax import labels
+  from udajax import metrics
   try:
     result = evaluation.evaluate_checkpoint(config, _CHECKPOINT.value, _WHICH.value)
   except errors.USER_ERRORS as e:

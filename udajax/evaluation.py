@@ -18,6 +18,7 @@ import numpy as np
 from udajax import checkpoints
 from udajax import configuration
 from udajax import data
+from udajax import errors
 from udajax import labels as labels_lib
 from udajax import metrics as metrics_lib
 from udajax import train_step as ts
@@ -134,6 +135,7 @@ def evaluate_checkpoint(config, checkpoint: str, which: str = "best") -> Dict[st
   "num_images" (images evaluated, all processes) and "step" (the checkpoint's step; None for a
   converted checkpoint).
   """
+  errors.require_checkpoint_dir(checkpoint)
   configuration.validate_config(config)
   data.prepare_datasets(config, training=False)
   variables, step = load_checkpoint_variables(config, checkpoint, which)

@@ -252,8 +252,10 @@ def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color",
   """
   if fmt not in FORMATS:
     raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-  # Bad image files fail within a second, before jax and TensorFlow are even imported.
+  # Bad image files and a missing checkpoint fail within a second, before jax and TensorFlow are
+  # even imported.
   sizes = check_images(list_images(images)) if images else None
+  errors.require_checkpoint_dir(checkpoint)
   from udajax import configuration
   from udajax import data
   from udajax import evaluation
