@@ -46,6 +46,12 @@ class _QuietLibraries(logging_std.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _CONFIG.value
+  config_path = flags.FLAGS["config"].config_filename
+  workdir = _WORKDIR.value or os.path.join(
+      "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+  if os.path.exists(workdir) and not os.path.isdir(workdir):  # before the slow imports below
+    cli.fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
   import jax  # imported here so XLA_FLAGS set by a launcher take effect
   if _COORDINATOR.value or _DISTRIBUTED.value:
     from udajax import multihost
@@ -54,12 +60,6 @@ def main(argv):
   from udajax import preemption
   from udajax import trainer
 
-  config = _CONFIG.value
-  config_path = flags.FLAGS["config"].config_filename
-  workdir = _WORKDIR.value or os.path.join(
-      "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    cli.fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
   _enable_compilation_cache(workdir)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())

@@ -67,10 +67,10 @@ def _read_state_dict(path: str, trust_pickle: bool = False):
   `trust_pickle`, which runs the file's pickle code: only for files from a trusted source.
   Returns (state dict, description of the wrapping, e.g. "{'state_dict'}, prefix module.").
   """
+  if not os.path.isfile(path):  # before importing torch (seconds)
+    raise CheckpointConversionError(f"PyTorch checkpoint {path} does not exist")
   import torch  # only the converter needs torch
 
-  if not os.path.isfile(path):
-    raise CheckpointConversionError(f"PyTorch checkpoint {path} does not exist")
   allowed = [np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
   scalar = getattr(getattr(getattr(np, "_core", np), "multiarray", None), "scalar", None)
   if scalar is not None:
@@ -342,7 +342,6 @@ def main(argv=None):
   parser.add_argument("--vgg_width", type=int, default=64, help="VGG conv1 width")
   args = parser.parse_args(argv)
 
-  from udajax.checkpoints import save_variables
   try:
     variables, info = convert_checkpoint_with_info(
         args.input, args.backbone, num_classes=args.num_classes,
@@ -350,6 +349,7 @@ def main(argv=None):
         trust_pickle=args.trust_pickle, seed=args.seed,
         stage_blocks=tuple(int(b) for b in args.stage_blocks.split(",")),
         base_width=args.base_width, vgg_width=args.vgg_width)
+    from udajax.checkpoints import save_variables
     out = save_variables(args.output, variables)
   except errors.USER_ERRORS as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
