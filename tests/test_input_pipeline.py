@@ -11,6 +11,7 @@ from udajax import errors
 from udajax import images
 from udajax import input_pipeline as ip
 from udajax import labels
+from udajax import tf_image_ops as ops
 
 MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434], np.float32)
 
@@ -112,12 +113,12 @@ def test_blur_matches_pil_gaussian_blur():
   noise = rng.integers(0, 256, size=(40, 50, 3)).astype(np.uint8)
   for im in (img, noise):
     for sigma in (0.0, 0.3, 0.6, 1.0):
-      ours = ip.gaussian_blur(ip.tf.constant(im, ip.tf.float32), sigma).numpy()
+      ours = ops.gaussian_blur(ops.tf.constant(im, ops.tf.float32), sigma).numpy()
       pil = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius=sigma)),
                        np.float32)
       diff = np.abs(np.round(ours) - pil)  # PIL rounds after each of its 6 passes; we round once
       assert diff.mean() < 1.0 and diff.max() <= 3, (sigma, diff.mean(), diff.max())
-  np.testing.assert_allclose(ip.gaussian_blur(ip.tf.constant(img, ip.tf.float32), 0.0).numpy(),
+  np.testing.assert_allclose(ops.gaussian_blur(ops.tf.constant(img, ops.tf.float32), 0.0).numpy(),
                              img, atol=1e-3)
 
 
@@ -125,11 +126,11 @@ def test_fast_blur_equals_three_box_passes():
   """The depthwise-convolution blur equals PIL's 3-pass recursion, borders included."""
   rng = np.random.default_rng(1)
   for shape in ((40, 50, 3), (12, 13, 3), (5, 7, 3)):
-    im = ip.tf.constant(rng.integers(0, 256, size=shape).astype(np.float32))
+    im = ops.tf.constant(rng.integers(0, 256, size=shape).astype(np.float32))
     for sigma in (0.0, 0.4, 1.0):
-      a = ip.pil_box_weight(sigma)
-      exact = ip._three_box_passes(ip._three_box_passes(im, a, 1), a, 0).numpy()
-      np.testing.assert_allclose(ip.gaussian_blur(im, sigma).numpy(), exact, atol=1e-3)
+      a = ops.pil_box_weight(sigma)
+      exact = ops._three_box_passes(ops._three_box_passes(im, a, 1), a, 0).numpy()
+      np.testing.assert_allclose(ops.gaussian_blur(im, sigma).numpy(), exact, atol=1e-3)
 
 
 def test_same_seed_same_batches_and_resume(data_dir):
