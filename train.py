@@ -52,11 +52,15 @@ def main(argv):
       "runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
   if os.path.exists(workdir) and not os.path.isdir(workdir):  # before the slow imports below
     cli.fail(f"--workdir={workdir} is a file, not a directory: choose another work directory")
+  from udajax import errors  # imports nothing else
+  try:
+    errors.reject_remote_path(workdir, "--workdir")
+  except errors.UserError as e:
+    cli.fail(str(e))
   import jax  # imported here so XLA_FLAGS set by a launcher take effect
   if _COORDINATOR.value or _DISTRIBUTED.value:
     from udajax import multihost
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from udajax import errors
   from udajax import preemption
   from udajax import trainer
 

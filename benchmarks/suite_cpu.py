@@ -6,14 +6,18 @@ seconds beside another busy worker, say which tests cost the most. Two uses:
   # 1. As a pytest plugin: writes OUT_DIR/cpu_<worker>.json with one row per test
   #    [test id, own CPU s, waited-for children's CPU s, wall s, start time] and the process
   #    totals (getrusage: user + system, RUSAGE_SELF and RUSAGE_CHILDREN).
+  #    Use a new, empty SUITE_CPU_DIR: the report reads every cpu_*.json file there.
   PYTHONPATH=benchmarks SUITE_CPU_DIR=/tmp/cpu JAX_COMPILATION_CACHE_DIR=/tmp/cpu/cache \\
       python -m pytest -p suite_cpu -q -n 2 --dist loadfile tests
   # 2. The report: totals, the costliest tests and the CPU of each test file.
   python benchmarks/suite_cpu.py /tmp/cpu [--top=25]
 
-Children are counted when the test waits for them (`subprocess.run`, `Popen.wait`); processes
-left running past their test (the late-start processes that tests/conftest.py starts at
-collection) are not.
+What a test's row holds (getrusage): its own process's CPU during the test, including its
+fixtures' set-up (a module- or session-scoped fixture is charged to the first test that uses
+it); its children's CPU as the kernel adds it, when a child is reaped. A child the test waits
+for (`subprocess.run`, `Popen.wait`) is charged to that test. A process left running past its
+test, such as the late-start processes that tests/conftest.py starts at collection (~1 CPU-s
+each), is charged to whichever later test's subprocess call happens to reap it.
 """
 
 import argparse

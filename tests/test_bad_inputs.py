@@ -7,6 +7,7 @@ that stderr holds an `error: ...` line and no traceback. Listed in README.md "Tr
 
 import gc
 import os
+import subprocess
 import sys
 
 import jax
@@ -19,6 +20,7 @@ from udajax import checkpoints
 from udajax import configuration
 from udajax import data
 from udajax import datasets
+from udajax import errors
 from udajax import train_step as ts
 
 
@@ -249,3 +251,30 @@ def test_missing_checkpoint_fails_before_tensorflow_is_imported(tmp_path, module
   loaded = r.stdout.split()[2:]
   assert "tensorflow" not in loaded and not (jax_too and "jax" in loaded), loaded
   assert "no_such_run does not exist" in _one_error_line(r.stderr)
+
+
+def test_checkpoint_paths_a_file_empty_or_remote():
+  """The checkpoint check names the problem: a file (with the converter command for it), an
+  empty path, a URL (udajax's paths are local: gs://b/run would become a folder named "gs:")."""
+  with pytest.raises(errors.CheckpointError, match="is a file, not a directory.*--input=/"):
+    errors.require_checkpoint_dir(__file__)
+  with pytest.raises(errors.CheckpointError, match="no checkpoint given"):
+    errors.require_checkpoint_dir("")
+  with pytest.raises(errors.CheckpointError, match="remote .URL. paths are not supported"):
+    errors.require_checkpoint_dir("gs://bucket/run")
+  assert errors.require_checkpoint_dir(os.path.dirname(__file__)) == os.path.dirname(__file__)
+
+
+def test_remote_workdir_is_one_error_line_and_creates_nothing(tmp_path):
+  """--workdir=gs://... fails before anything is written: no local "gs:" folder appears."""
+  r = subprocess.run([sys.executable, os.path.join(train_cli.ROOT, "train.py"),
+                      "--config=" + os.path.join(train_cli.ROOT, "configs", "demo.py"),
+                      "--workdir=gs://bucket/runs/demo"], cwd=tmp_path, env=train_cli.env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert "--workdir gs://bucket/runs/demo: remote (URL) paths are not supported" in (
+      _one_error_line(r.stderr))
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(errors.UserError, match="work directory gs://b/run: remote"):
+    from udajax import trainer
+    trainer.train_and_evaluate(train_cli.config(None), "gs://b/run")

@@ -259,13 +259,14 @@ def measure_checkpoint(config, checkpoint: str, output: str, *, which: str = "be
                              "per domain")
   if not isinstance(points_per_class, int) or points_per_class < 1:
     raise errors.ConfigError(f"--points_per_class={points_per_class}: must be >= 1")
-  errors.require_checkpoint_dir(checkpoint)
   from udajax import configuration
+  configuration.validate_config(config)
+  errors.require_checkpoint_dir(checkpoint)
+  errors.reject_remote_path(output, "--output")
   from udajax import data  # TensorFlow from here on
   from udajax import datasets
   from udajax import evaluation
   from udajax import labels as labels_lib
-  configuration.validate_config(config)
   output = os.path.abspath(os.path.expanduser(output))
   try:
     os.makedirs(output, exist_ok=True)

@@ -34,6 +34,15 @@ class TrainingDiverged(RuntimeError):
   """
 
 
+def reject_remote_path(path: str, what: str, error=UserError) -> None:
+  """Raises `error` for a URL such as gs://bucket/run: udajax reads and writes work directories and
+  checkpoints through local file-system paths (`os.path`), where a URL would silently become a
+  local folder named "gs:". A bucket mounted as a file system (gcsfuse) works."""
+  if "://" in str(path):
+    raise error(f"{what} {path}: remote (URL) paths are not supported; mount the bucket as a file "
+                "system (e.g. with gcsfuse) or use a shared file system, and give its local path")
+
+
 def require_checkpoint_dir(path: str, what: str = "checkpoint") -> str:
   """`path` (user-expanded, absolute) if it is a directory; else CheckpointError naming it and
   how to make one. Only `os`: the command-line tools call it before importing jax or TensorFlow,
@@ -43,12 +52,20 @@ def require_checkpoint_dir(path: str, what: str = "checkpoint") -> str:
   data_prep/convert_torch_checkpoint.py; reading it checks the rest.
   """
   import os
+  if not path:
+    raise CheckpointError(f"no {what} given: name a udajax work directory or a converted "
+                          "checkpoint directory")
+  reject_remote_path(path, what, CheckpointError)
   path = os.path.abspath(os.path.expanduser(path))
+  tool = "python data_prep/convert_torch_checkpoint.py"
+  if os.path.isfile(path):
+    raise CheckpointError(
+        f"{what} {path} is a file, not a directory. Give a udajax work directory, or convert a "
+        f"PyTorch checkpoint with: {tool} --input={path} --output=DIR [--backbone=resnet101|vgg16]")
   if not os.path.isdir(path):
     raise CheckpointError(
         f"{what} {path} does not exist. Give a udajax work directory, or convert a PyTorch "
-        f"checkpoint with: python data_prep/convert_torch_checkpoint.py --input=FILE.pth "
-        f"--output={path} [--backbone=resnet101|vgg16]")
+        f"checkpoint with: {tool} --input=FILE.pth --output={path} [--backbone=resnet101|vgg16]")
   return path
 
 

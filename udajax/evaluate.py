@@ -49,12 +49,18 @@ def main(argv):
   config = _CONFIG.value
   if _OUTPUT_JSON.value:  # an unwritable path fails now, not after the evaluation
     try:
+      errors.reject_remote_path(_OUTPUT_JSON.value, "--output_json")
+    except errors.USER_ERRORS as e:
+      cli.fail(str(e))
+    try:
       path = os.path.abspath(os.path.expanduser(_OUTPUT_JSON.value))
       os.makedirs(os.path.dirname(path), exist_ok=True)
       open(path, "a").close()
     except OSError as e:
       cli.fail(f"cannot write --output_json {_OUTPUT_JSON.value}: {e}")
-  try:  # a missing checkpoint fails before jax and TensorFlow are imported
+  try:  # a bad config value or a missing checkpoint fails before jax and TensorFlow are imported
+    from udajax import configuration
+    configuration.validate_config(config)
     errors.require_checkpoint_dir(_CHECKPOINT.value)
   except errors.USER_ERRORS as e:
     cli.fail(str(e))

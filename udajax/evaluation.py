@@ -135,8 +135,8 @@ def evaluate_checkpoint(config, checkpoint: str, which: str = "best") -> Dict[st
   "num_images" (images evaluated, all processes) and "step" (the checkpoint's step; None for a
   converted checkpoint).
   """
-  errors.require_checkpoint_dir(checkpoint)
   configuration.validate_config(config)
+  errors.require_checkpoint_dir(checkpoint)
   data.prepare_datasets(config, training=False)
   variables, step = load_checkpoint_variables(config, checkpoint, which)
   replicated = ts.replicate(variables)

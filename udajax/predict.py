@@ -252,15 +252,16 @@ def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color",
   """
   if fmt not in FORMATS:
     raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-  # Bad image files and a missing checkpoint fail within a second, before jax and TensorFlow are
-  # even imported.
+  # Bad image files, config values and a missing checkpoint fail within a second, before jax and
+  # TensorFlow are even imported.
   sizes = check_images(list_images(images)) if images else None
-  errors.require_checkpoint_dir(checkpoint)
   from udajax import configuration
+  configuration.validate_config(config)
+  errors.require_checkpoint_dir(checkpoint)
+  errors.reject_remote_path(output, "--output")
   from udajax import data
   from udajax import evaluation
   from udajax import train_step as ts
-  configuration.validate_config(config)
   if sizes is None:
     data.prepare_datasets(config, training=False)
   variables, step = evaluation.load_checkpoint_variables(config, checkpoint, which)

@@ -36,6 +36,7 @@ from udajax import compiles
 from udajax import configuration
 from udajax import data
 from udajax import embeddings
+from udajax import errors
 from udajax import evaluation
 from udajax import labels as labels_lib
 from udajax import log_window
@@ -53,6 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   it; the result then also holds the first stage's summary under "source_only".
   """
   configuration.validate_config(config)
+  errors.reject_remote_path(workdir, "work directory")
   workdir = os.path.abspath(workdir)
   if config.train.mode != "uda" or config.train.warmup_source_only_steps <= 0:
     return train(config, workdir)
