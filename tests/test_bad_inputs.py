@@ -135,6 +135,13 @@ def test_missing_init_checkpoint(tmp_path):
   assert "convert_torch_checkpoint.py" in str(info.value)
 
 
+def test_remote_init_checkpoint():
+  c = train_cli.config(None, init_checkpoint="gs://bucket/runs/gta_source")
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="init checkpoint gs://bucket/runs/gta_source: remote .URL. paths"):
+    checkpoints.initial_variables(c, jax.random.PRNGKey(0))
+
+
 def test_corrupt_init_checkpoint(tmp_path):
   path = _save_tiny_variables(tmp_path / "ckpt")
   for root, _, files in os.walk(path):
