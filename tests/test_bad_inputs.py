@@ -7,7 +7,6 @@ that stderr holds an `error: ...` line and no traceback. Listed in README.md "Tr
 
 import gc
 import os
-import subprocess
 import sys
 
 import jax
@@ -274,14 +273,13 @@ def test_checkpoint_paths_a_file_empty_or_remote():
 
 def test_remote_workdir_is_one_error_line_and_creates_nothing(tmp_path):
   """--workdir=gs://... fails before anything is written: no local "gs:" folder appears."""
-  r = subprocess.run([sys.executable, os.path.join(train_cli.ROOT, "train.py"),
-                      "--config=" + os.path.join(train_cli.ROOT, "configs", "demo.py"),
-                      "--workdir=gs://bucket/runs/demo"], cwd=tmp_path, env=train_cli.env(),
-                     capture_output=True, text=True, timeout=120)
+  from udajax import trainer
+  r = train_cli.run([sys.executable, os.path.join(train_cli.ROOT, "train.py"),
+                     "--config=" + os.path.join(train_cli.ROOT, "configs", "demo.py"),
+                     "--workdir=gs://bucket/runs/demo"], timeout=120, cwd=tmp_path)
   assert r.returncode == 2
   assert "--workdir gs://bucket/runs/demo: remote (URL) paths are not supported" in (
       _one_error_line(r.stderr))
   assert os.listdir(tmp_path) == []
   with pytest.raises(errors.UserError, match="work directory gs://b/run: remote"):
-    from udajax import trainer
     trainer.train_and_evaluate(train_cli.config(None), "gs://b/run")

@@ -108,9 +108,10 @@ def env(**extra):
   return e
 
 
-def run(args, timeout=300, **env_extra):
-  """Runs a command to completion; returns CompletedProcess with text stdout/stderr."""
-  return subprocess.run(args, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True,
+def run(args, timeout=300, cwd=ROOT, **env_extra):
+  """Runs a command to completion (in the repository root unless `cwd`); returns
+  CompletedProcess with text stdout/stderr."""
+  return subprocess.run(args, cwd=cwd, env=env(**env_extra), capture_output=True, text=True,
                         timeout=timeout)
 
 

@@ -270,8 +270,7 @@ def load_variables(path: str):
 
 def load_init_tree(path: str, which: str = "latest") -> dict:
   """Variables of `path`: a udajax work directory (its `which` checkpoint) or a converted one."""
-  errors.reject_remote_path(path, "init checkpoint", CheckpointError)  # abspath would hide it
-  path = os.path.abspath(os.path.expanduser(path))
+  path = errors.require_checkpoint_dir(path, "init checkpoint")  # a URL, file or missing path
   return load_workdir_variables(path, which) if is_workdir(path) else load_variables(path)
 
 
