@@ -6,7 +6,8 @@
   `reference_step`). Compared: every loss term, params, BN statistics, optimiser state and
   centroid state, over two steps.
 * The NaN guard: non-finite steps change nothing but the step (and the lr schedule with it), and
-  training continues normally afterwards.
+  training continues normally afterwards; its flag is exact and compiled once, not into every
+  per-tensor update.
 """
 
 import flax
@@ -395,3 +396,27 @@ def test_nan_guard_skipped_steps_change_nothing_and_training_continues():
                                 p1["['backbone']['bn1']['scale']"])  # frozen
   assert not np.array_equal(leaves(s5.centroid_state)[".centroids"],
                             leaves(good.centroid_state)[".centroids"])
+
+
+def test_finite_flag_is_exact_and_compiled_once_not_into_every_update():
+  """`_all_finite` (the NaN guard's flag) is False exactly when some leaf holds a NaN or an Inf,
+  and XLA computes it once: the per-leaf selects that use it (as the step's update does) must not
+  each get their own copy of a chain of one AND per leaf, which made the step's compile time
+  quadratic in the number of tensors (the tests' tiny step: 9,356 ANDs and 5.7-6.3 s to compile
+  before, 76 ANDs and 4.7-5.1 s now; ResNet-101: 63.7 s before, 15.2 s now, on a 2-core Intel
+  Xeon; `benchmarks/finite_flag_compile.py`)."""
+  n = 40
+  tree = {f"w{i}": jnp.full((3 + i % 4, 5), float(i)) for i in range(n)}
+  flag = jax.jit(ts._all_finite)
+  assert bool(flag(tree))
+  for i, bad in [(0, np.nan), (17, np.inf), (n - 1, -np.inf)]:
+    broken = dict(tree, **{f"w{i}": tree[f"w{i}"].at[1, 2].set(bad)})
+    assert not bool(flag(broken)), (i, bad)
+
+  def guarded_update(t):
+    ok = ts._all_finite(t)
+    return jax.tree_util.tree_map(lambda x: jnp.where(ok, 0.9 * x + 1.0, x), t)
+
+  hlo = jax.jit(guarded_update).lower(tree).compile().as_text()
+  ands = hlo.count(" and(")
+  assert ands < 2 * n, f"{ands} AND instructions for {n} leaves: the flag is copied per update"

@@ -151,8 +151,18 @@ def _softmax(logits):
 
 
 def _all_finite(tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  """True (a scalar) iff no element of any leaf of `tree` is NaN or Inf.
+
+  The per-leaf flags are counted with a cumulative sum, not combined with `jnp.all`: XLA rewrites
+  `all(stack(flags))` into a chain of scalar ANDs, one per leaf, and its fuser then copies that
+  whole chain into each of the per-tensor update kernels that select on the result (a chain of
+  ~65 ANDs in each of ~145 kernels for the tests' tiny model, quadratic in the number of
+  tensors). The cumulative sum stays one operation whose result the kernels read. Same value;
+  on a 2-core CPU the ResNet-101 paper step compiles in 15 s instead of 64 s
+  (benchmarks/finite_flag_compile.py).
+  """
+  flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])
+  return jnp.cumsum(flags.astype(jnp.int32))[-1] == flags.shape[0]
 
 
 def loss_and_grads(state: TrainState, batch: Dict[str, jnp.ndarray], *, config, axis_name=AXIS):
