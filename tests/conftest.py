@@ -27,9 +27,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 # Reuse XLA compilations across tests and test runs (the trainer tests compile the same tiny
-# steps several times); the cache lives outside the repo.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), "udajax_test_jax_cache"))
+# steps several times). The cache belongs to the checkout (git ignores it): a fresh clone, as CI
+# makes, runs the suite from a cold cache; delete the folder for a cold run here.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
