@@ -55,6 +55,11 @@ def main(argv):
   from udajax import errors  # imports nothing else
   try:
     errors.reject_remote_path(workdir, "--workdir")
+    # A bad config value or a dataset that is not built fails before jax and TensorFlow load.
+    from udajax import configuration
+    from udajax import dataset_paths
+    configuration.validate_config(config)
+    dataset_paths.require_built(config, dataset_paths.run_domains(config))
   except errors.UserError as e:
     cli.fail(str(e))
   import jax  # imported here so XLA_FLAGS set by a launcher take effect

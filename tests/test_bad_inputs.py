@@ -237,26 +237,45 @@ def test_typo_in_a_config_file(tmp_path):
   assert 'Did you mean "lr"' in line, line
 
 
-@pytest.mark.parametrize("module,jax_too", [("udajax.predict", True), ("udajax.evaluate", True),
-                                            ("udajax.embeddings", False)])
-def test_missing_checkpoint_fails_before_tensorflow_is_imported(tmp_path, module, jax_too):
-  """predict / evaluate / embeddings with a --checkpoint that does not exist: the one error
-  line comes before TensorFlow is imported, and for predict and evaluate before jax (embeddings
-  imports jax with the module)."""
-  argv = [module, "--config=configs/demo.py", f"--checkpoint={tmp_path / 'no_such_run'}"]
-  if module != "udajax.evaluate":
+@pytest.mark.parametrize("program,missing,jax_too", [
+    ("udajax.predict", "checkpoint", True), ("udajax.evaluate", "checkpoint", True),
+    ("udajax.embeddings", "checkpoint", False), ("udajax.predict", "dataset", True),
+    ("udajax.evaluate", "dataset", True), ("udajax.embeddings", "dataset", False),
+    ("train.py", "dataset", True)])
+def test_missing_checkpoint_or_dataset_fails_before_tensorflow_is_imported(
+    tmp_path, program, missing, jax_too):
+  """predict / evaluate / embeddings with a --checkpoint that does not exist, or (with an existing
+  checkpoint folder) a config whose eval set is not built, and train.py with a dataset that is
+  not built: the one error line comes before TensorFlow is imported, and except for embeddings
+  (which imports jax with the module) before jax."""
+  argv = [program, f"--checkpoint={tmp_path / 'no_such_run'}", "--config=configs/demo.py"]
+  expect = "no_such_run does not exist"
+  if missing == "dataset":  # configs/gta.py evaluates on Cityscapes 1024x512
+    argv[1:] = [f"--checkpoint={tmp_path}", "--config=configs/gta.py",
+                f"--config.data_dir={tmp_path / 'no_data'}"]
+    expect = (f"dataset cityscapes/1024x512 is not built under {tmp_path / 'no_data'} "
+              "(looked for ")
+  if program == "train.py":
+    argv[1] = f"--workdir={tmp_path / 'run'}"
+  elif program != "udajax.evaluate":
     argv.append(f"--output={tmp_path / 'out'}")
+  run = (f"runpy.run_path({program!r}, run_name='__main__')" if program.endswith(".py") else
+         f"runpy.run_module({program!r}, run_name='__main__', alter_sys=True)")
   code = ("import runpy, sys\n"
           f"sys.argv = {argv!r}\n"
           "try:\n"
-          f"  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+          f"  {run}\n"
           "except SystemExit as e:\n"
           "  print('exit', e.code, *[m for m in ('jax', 'tensorflow') if m in sys.modules])\n")
   r = train_cli.run([sys.executable, "-c", code], timeout=120)
   assert r.stdout.startswith("exit 2"), (r.stdout, r.stderr[-2000:])
   loaded = r.stdout.split()[2:]
   assert "tensorflow" not in loaded and not (jax_too and "jax" in loaded), loaded
-  assert "no_such_run does not exist" in _one_error_line(r.stderr)
+  line = _one_error_line(r.stderr)
+  assert expect in line, line
+  if missing == "dataset":
+    assert "python data_prep/build_datasets.py cityscapes" in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 
 def test_checkpoint_paths_a_file_empty_or_remote():

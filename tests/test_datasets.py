@@ -126,6 +126,32 @@ def test_missing_manual_dir_gives_instructions(tmp_path):
     _build("gta5", "full", tmp_path / "data", tmp_path / "wrong")
 
 
+def test_folder_check_without_tensorflow_agrees_with_tfds(tmp_path, monkeypatch):
+  """`udajax.dataset_paths` (the command-line tools' check before TensorFlow is imported) finds
+  the data directory where TFDS does, fails for a missing dataset folder with the message
+  `load_builder` gives for a missing version, and leaves URL data directories to TFDS."""
+  from pathlib import Path
+
+  from udajax import dataset_paths
+  assert dataset_paths.data_dir_root(None) == str(Path(tfds.core.constants.DATA_DIR).expanduser())
+  assert (dataset_paths.data_dir_root(None)
+          == str(datasets.get_builder("cityscapes", "1024x512").data_dir_root))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env"))
+  assert dataset_paths.data_dir_root(None) == str(tmp_path / "env")
+  assert dataset_paths.data_dir_root(str(tmp_path)) == str(tmp_path)
+
+  with pytest.raises(datasets.DatasetNotBuiltError) as quick:
+    dataset_paths.require_folder("cityscapes", "1024x512", str(tmp_path))
+  (tmp_path / "cityscapes" / "1024x512").mkdir(parents=True)  # a folder without the version
+  dataset_paths.require_folder("cityscapes", "1024x512", str(tmp_path))
+  with pytest.raises(datasets.DatasetNotBuiltError) as full:
+    datasets.load_builder("cityscapes", "1024x512", str(tmp_path))
+  folder = tmp_path / "cityscapes" / "1024x512"
+  assert str(quick.value) == str(full.value).replace(f"{folder}/1.0.0", str(folder))
+  assert "Build it with:\n  python data_prep/build_datasets.py cityscapes" in str(quick.value)
+  dataset_paths.require_folder("gta5", "full", "gs://bucket/tensorflow_datasets")  # not checked
+
+
 def test_not_built_error_names_command(tmp_path):
   with pytest.raises(datasets.DatasetNotBuiltError) as info:
     datasets.load_builder("cityscapes", "1024x512", str(tmp_path))

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import jax
 
+from udajax import dataset_paths
 from udajax import input_pipeline
 from udajax import multihost
 from udajax.errors import ConfigError
@@ -22,9 +23,8 @@ def prepare_datasets(config, *, training: bool = True) -> None:
   too; otherwise (evaluation, prediction) only the eval dataset. A real dataset that is not built
   raises DatasetNotBuiltError naming the command that builds it. All processes must call this.
   """
-  domains = ["eval"]
-  if training:
-    domains += ["source"] + (["target"] if config.train.mode == "uda" else [])
+  domains = dataset_paths.run_domains(config, training=training)
+  dataset_paths.require_built(config, domains)
   if any(config[d].name == "udajax_demo" for d in domains) and jax.process_index() == 0:
     from udajax import datasets
     datasets.ensure_demo_built(config.data_dir)

@@ -263,6 +263,8 @@ def measure_checkpoint(config, checkpoint: str, output: str, *, which: str = "be
   configuration.validate_config(config)
   errors.require_checkpoint_dir(checkpoint)
   errors.reject_remote_path(output, "--output")
+  from udajax import dataset_paths
+  dataset_paths.require_built(config, ("eval", "source"))  # the folders; TensorFlow not needed
   from udajax import data  # TensorFlow from here on
   from udajax import datasets
   from udajax import evaluation

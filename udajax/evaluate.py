@@ -58,10 +58,12 @@ def main(argv):
       open(path, "a").close()
     except OSError as e:
       cli.fail(f"cannot write --output_json {_OUTPUT_JSON.value}: {e}")
-  try:  # a bad config value or a missing checkpoint fails before jax and TensorFlow are imported
+  try:  # a bad config value, a missing checkpoint or dataset fails before jax and TensorFlow
     from udajax import configuration
+    from udajax import dataset_paths
     configuration.validate_config(config)
     errors.require_checkpoint_dir(_CHECKPOINT.value)
+    dataset_paths.require_built(config)
   except errors.USER_ERRORS as e:
     cli.fail(str(e))
   import jax

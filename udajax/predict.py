@@ -252,13 +252,16 @@ def predict_checkpoint(config, checkpoint: str, output: str, fmt: str = "color",
   """
   if fmt not in FORMATS:
     raise PredictInputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-  # Bad image files, config values and a missing checkpoint fail within a second, before jax and
-  # TensorFlow are even imported.
+  # Bad image files, config values, a missing checkpoint and a missing dataset fail within a
+  # second, before jax and TensorFlow are even imported.
   sizes = check_images(list_images(images)) if images else None
   from udajax import configuration
   configuration.validate_config(config)
   errors.require_checkpoint_dir(checkpoint)
   errors.reject_remote_path(output, "--output")
+  if sizes is None:
+    from udajax import dataset_paths
+    dataset_paths.require_built(config)  # the eval set; before TensorFlow is imported
   from udajax import data
   from udajax import evaluation
   from udajax import train_step as ts

@@ -15,6 +15,7 @@ use `get_builder` instead of `tfds.builder`.
 import importlib
 from typing import Optional
 
+from udajax.dataset_paths import not_built_error
 from udajax.datasets.common import (  # noqa: F401  (re-exported)
     FILE_FORMAT, BuildStats, CorruptFileError, DatasetNotBuiltError, build_command,
 )
@@ -54,11 +55,7 @@ def load_builder(name: str, builder_config: str, data_dir: Optional[str] = None)
   """A built dataset's builder, or DatasetNotBuiltError naming the command that builds it."""
   builder = get_builder(name, builder_config, data_dir)
   if not builder.is_prepared():
-    raise DatasetNotBuiltError(
-        f"dataset {name}/{builder_config} is not built under {builder.data_dir_root}"
-        f" (looked for {builder.data_dir}). Build it with:\n  "
-        + build_command(name, builder_config, data_dir)
-    )
+    raise not_built_error(name, builder_config, data_dir, builder.data_dir)
   formats = [str(getattr(f, "value", f)) for f in builder.info.available_file_formats()]
   if FILE_FORMAT not in formats:
     raise DatasetNotBuiltError(

@@ -26,6 +26,9 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 from etils import epath  # pylint: disable=g-import-not-at-top
 
+from udajax.dataset_paths import (  # noqa: E402,F401  (re-exported)
+    BUILD_SCRIPT, CLI_NAMES, build_command,
+)
 from udajax.errors import CorruptFileError, DatasetNotBuiltError  # noqa: E402,F401  (re-exported)
 
 
@@ -43,26 +46,6 @@ VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "Initial release."}
 # Random-access reads (tfds.data_source) need ArrayRecord; every udajax dataset is built in it.
 FILE_FORMAT = "array_record"
-BUILD_SCRIPT = "python data_prep/build_datasets.py"
-
-# TFDS dataset name -> data_prep/build_datasets.py sub-command.
-CLI_NAMES = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes",
-             "udajax_demo": "demo"}
-
-
-
-def build_command(name: str, builder_config: Optional[str] = None,
-                  data_dir: Optional[str] = None) -> str:
-  """The exact shell command that builds `name`/`builder_config` (manual_dir left for the user)."""
-  cli = CLI_NAMES.get(name, name)
-  parts = [BUILD_SCRIPT, cli]
-  if cli != "demo":
-    parts.append(f"--manual_dir=/path/to/{name}")
-    if builder_config:
-      parts.append(f"--config={builder_config}")
-  if data_dir:
-    parts.append(f"--data_dir={data_dir}")
-  return " ".join(parts)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
