@@ -104,18 +104,19 @@ def main():
       continue
     nan_batch = dict(batch, source_image=batch["source_image"].copy())
     nan_batch["source_image"][0, 0, 0, 0, 0] = np.nan
-    results, batches = [], (batch, make_batch(c, rng), batch, nan_batch)
+    results, flags, batches = [], [], (batch, make_batch(c, rng), batch, nan_batch)
     for k, executable in executables.items():
       s, finite = state, []
       for b in batches:
         s, metrics = executable(s, b)
         finite.append(float(metrics["finite"][0]))
       results.append(jax.tree_util.tree_leaves(jax.device_get((s, metrics))))
+      flags.append(finite)
     pairs = list(zip(results[0], results[1], strict=True))
     same = all(np.array_equal(x, y, equal_nan=True) for x, y in pairs)
     differ = sum(not np.array_equal(x, y, equal_nan=True) for x, y in pairs)
     emit_json({"model": name, "bit_identical": same, "leaves_differing": differ,
-               "leaves": len(pairs), "finite_per_step": finite,
+               "leaves": len(pairs), "finite_per_step": dict(zip(FLAGS, flags)),
                "cpu": cpu_name()}, a.output)
 
 

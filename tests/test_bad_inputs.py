@@ -241,20 +241,24 @@ def test_typo_in_a_config_file(tmp_path):
     ("udajax.predict", "checkpoint", True), ("udajax.evaluate", "checkpoint", True),
     ("udajax.embeddings", "checkpoint", False), ("udajax.predict", "dataset", True),
     ("udajax.evaluate", "dataset", True), ("udajax.embeddings", "dataset", False),
-    ("train.py", "dataset", True)])
+    ("train.py", "dataset", True), ("train.py", "target dataset", True)])
 def test_missing_checkpoint_or_dataset_fails_before_tensorflow_is_imported(
     tmp_path, program, missing, jax_too):
   """predict / evaluate / embeddings with a --checkpoint that does not exist, or (with an existing
   checkpoint folder) a config whose eval set is not built, and train.py with a dataset that is
-  not built: the one error line comes before TensorFlow is imported, and except for embeddings
-  (which imports jax with the module) before jax."""
+  not built (the eval set; or, on the demo, a target set): the one error line comes before
+  TensorFlow is imported, and except for embeddings (which imports jax with the module) before
+  jax."""
   argv = [program, f"--checkpoint={tmp_path / 'no_such_run'}", "--config=configs/demo.py"]
   expect = "no_such_run does not exist"
-  if missing == "dataset":  # configs/gta.py evaluates on Cityscapes 1024x512
+  if missing != "checkpoint":  # configs/gta.py evaluates on Cityscapes 1024x512
     argv[1:] = [f"--checkpoint={tmp_path}", "--config=configs/gta.py",
                 f"--config.data_dir={tmp_path / 'no_data'}"]
     expect = (f"dataset cityscapes/1024x512 is not built under {tmp_path / 'no_data'} "
               "(looked for ")
+  if missing == "target dataset":  # the demo's source and eval sets, then a missing target set
+    argv[2:] = ["--config=configs/demo.py", f"--config.data_dir={tmp_path / 'no_data'}",
+                "--config.target.name=cityscapes", "--config.target.builder_config=1024x512"]
   if program == "train.py":
     argv[1] = f"--workdir={tmp_path / 'run'}"
   elif program != "udajax.evaluate":
@@ -273,7 +277,7 @@ def test_missing_checkpoint_or_dataset_fails_before_tensorflow_is_imported(
   assert "tensorflow" not in loaded and not (jax_too and "jax" in loaded), loaded
   line = _one_error_line(r.stderr)
   assert expect in line, line
-  if missing == "dataset":
+  if missing != "checkpoint":
     assert "python data_prep/build_datasets.py cityscapes" in line, line
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 

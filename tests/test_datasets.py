@@ -151,6 +151,34 @@ def test_folder_check_without_tensorflow_agrees_with_tfds(tmp_path, monkeypatch)
   assert "Build it with:\n  python data_prep/build_datasets.py cityscapes" in str(quick.value)
   dataset_paths.require_folder("gta5", "full", "gs://bucket/tensorflow_datasets")  # not checked
 
+  # A leading ~ is the home folder for the check and for the builders alike; "" is unset.
+  home = os.path.expanduser("~")
+  assert dataset_paths.data_dir_root("~/tfds") == os.path.join(home, "tfds")
+  assert (str(datasets.get_builder("cityscapes", "1024x512", "~/tfds").data_dir_root)
+          == os.path.join(home, "tfds"))
+  assert dataset_paths.data_dir_root("") == str(tmp_path / "env")
+
+
+def test_dataset_names_and_builder_configs_are_config_errors():
+  """The TensorFlow-free table of builder configs is the builders' own; a misspelt dataset name
+  or builder config is a config error naming the key and the choices, checked before the
+  dataset folder."""
+  import ml_collections
+
+  from udajax import dataset_paths
+  from udajax.errors import ConfigError
+  assert set(dataset_paths.BUILDER_CONFIGS) == set(datasets.DATASET_NAMES)
+  for name, configs in dataset_paths.BUILDER_CONFIGS.items():
+    assert configs == datasets.config_names(name), name
+  c = ml_collections.ConfigDict({"data_dir": "/nonexistent",
+                                 "eval": {"name": "cityscapes", "builder_config": "1024x51"},
+                                 "source": {"name": "cityscape", "builder_config": "full"}})
+  with pytest.raises(ConfigError, match=r"'eval.builder_config' = '1024x51'.*\('full', "
+                     r"'1024x512'\)"):
+    dataset_paths.require_built(c)
+  with pytest.raises(ConfigError, match=r"'source.name' = 'cityscape': not a udajax dataset"):
+    dataset_paths.require_built(c, ("source", "eval"))
+
 
 def test_not_built_error_names_command(tmp_path):
   with pytest.raises(datasets.DatasetNotBuiltError) as info:

@@ -420,3 +420,12 @@ def test_finite_flag_is_exact_and_compiled_once_not_into_every_update():
   hlo = jax.jit(guarded_update).lower(tree).compile().as_text()
   ands = hlo.count(" and(")
   assert ands < 2 * n, f"{ands} AND instructions for {n} leaves: the flag is copied per update"
+
+  # And the train step computes its flag this way (traced only, not compiled).
+  config = tiny_config("uda", sync_bn=False)
+  state = ts.create_train_state(config, ts.init_variables(config, jax.random.PRNGKey(0)),
+                                jax.random.PRNGKey(1))
+  step = ts.make_p_train_step(config, devices=jax.devices()[:1], donate=False)
+  batch = per_device(make_batch(1, np.random.default_rng(0)), 1)
+  jaxpr = str(jax.make_jaxpr(step)(ts.replicate(state, jax.devices()[:1]), batch))
+  assert "cumsum" in jaxpr

@@ -3,18 +3,24 @@
 `require_built(config, domains)` fails with `DatasetNotBuiltError` (naming the build command)
 when a dataset the run reads has no folder under the data directory. It only looks at
 the file system, so the command-line tools report a missing dataset before they import
-TensorFlow (about 4 s). A folder that exists is checked in full (version, file format) by
-`udajax.datasets.load_builder`, which gives the same message for a missing version.
+TensorFlow (about 4 s). `udajax.datasets.load_builder` checks a dataset in full (version, file
+format) where the run opens it, with the same message for a missing version.
 
 The data directory is `config.data_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`,
-as TFDS resolves it (udajax never registers further TFDS data directories). A data directory
-given as a URL (`gs://...`, which TensorFlow can read) is left to TFDS.
+as TFDS resolves it (udajax never registers further TFDS data directories); a leading `~` is
+the home folder everywhere (`udajax.datasets.get_builder` expands it too: TFDS itself would
+take `~/tfds` literally, as a folder named `~` in the working directory). A data directory given
+as a URL (`gs://...`, which TensorFlow can read) is left to TFDS.
+
+Dataset names and builder configs are checked here too (`BUILDER_CONFIGS`, the same as the
+builders' own lists: a test compares them), so a typo is a config error naming the key, not a
+"not built" message whose build command could not work.
 """
 
 import os
 from typing import Optional
 
-from udajax.errors import DatasetNotBuiltError
+from udajax.errors import ConfigError, DatasetNotBuiltError
 
 BUILD_SCRIPT = "python data_prep/build_datasets.py"
 
@@ -24,6 +30,14 @@ CLI_NAMES = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes",
 
 # Built on first use by `udajax.data.prepare_datasets` (procedural, no download).
 AUTO_BUILT = ("udajax_demo",)
+
+# Dataset name -> its builder configs (udajax.datasets.config_names, without importing TFDS).
+BUILDER_CONFIGS = {
+    "gta5": ("full", "1280x720"),
+    "synthia": ("full", "1280x760"),
+    "cityscapes": ("full", "1024x512"),
+    "udajax_demo": ("source", "target"),
+}
 
 
 def build_command(name: str, builder_config: Optional[str] = None,
@@ -40,11 +54,18 @@ def build_command(name: str, builder_config: Optional[str] = None,
   return " ".join(parts)
 
 
+def expand_data_dir(data_dir: Optional[str]) -> Optional[str]:
+  """`data_dir` with a leading `~` expanded (None and "" stay unset, URLs unchanged)."""
+  if not data_dir:
+    return None
+  return data_dir if "://" in data_dir else os.path.expanduser(data_dir)
+
+
 def data_dir_root(data_dir: Optional[str] = None) -> str:
-  """The folder TFDS reads datasets from: `data_dir`, else $TFDS_DATA_DIR, else
+  """The folder the datasets are read from: `data_dir`, else $TFDS_DATA_DIR, else
   ~/tensorflow_datasets."""
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
-  return os.path.expanduser(root)
+  return (expand_data_dir(data_dir) or expand_data_dir(os.environ.get("TFDS_DATA_DIR"))
+          or os.path.expanduser(os.path.join("~", "tensorflow_datasets")))
 
 
 def not_built_error(name: str, builder_config: str, data_dir: Optional[str],
@@ -75,9 +96,23 @@ def run_domains(config, *, training: bool = True) -> list:
   return domains
 
 
+def check_name(config, domain: str) -> None:
+  """ConfigError unless `config[domain]` names a udajax dataset and one of its builder configs."""
+  d = config[domain]
+  if d.name not in BUILDER_CONFIGS:
+    raise ConfigError(f"config key '{domain}.name' = {d.name!r}: not a udajax dataset; choose "
+                      f"one of {tuple(BUILDER_CONFIGS)}")
+  if d.builder_config not in BUILDER_CONFIGS[d.name]:
+    raise ConfigError(f"config key '{domain}.builder_config' = {d.builder_config!r}: dataset "
+                      f"{d.name} has the builder configs {BUILDER_CONFIGS[d.name]}")
+
+
 def require_built(config, domains=("eval",)) -> None:
-  """`require_folder` for the dataset of each of `config`'s `domains` ("eval", "source",
-  "target"), except the demo's (built on first use)."""
+  """For each of `config`'s `domains` ("eval", "source", "target"): its dataset name and builder
+  config exist (`check_name`), and, except for the demo (built on first use), its folder
+  (`require_folder`)."""
+  for domain in domains:
+    check_name(config, domain)
   for domain in domains:
     d = config[domain]
     if d.name not in AUTO_BUILT:

@@ -15,7 +15,7 @@ use `get_builder` instead of `tfds.builder`.
 import importlib
 from typing import Optional
 
-from udajax.dataset_paths import not_built_error
+from udajax.dataset_paths import expand_data_dir, not_built_error
 from udajax.datasets.common import (  # noqa: F401  (re-exported)
     FILE_FORMAT, BuildStats, CorruptFileError, DatasetNotBuiltError, build_command,
 )
@@ -42,13 +42,16 @@ def config_names(name: str):
 
 
 def get_builder(name: str, builder_config: str, data_dir: Optional[str] = None, **kwargs):
-  """Instantiates the builder of `name`/`builder_config` (does not build anything)."""
+  """Instantiates the builder of `name`/`builder_config` (does not build anything).
+
+  `data_dir`: None or "" for TFDS's default; a leading `~` is the home folder."""
   cls = builder_class(name)
   names = config_names(name)
   if builder_config not in names:
     raise ValueError(f"dataset {name!r} has no builder config {builder_config!r}; "
                      f"choose one of {names}")
-  return cls(config=builder_config, data_dir=data_dir, file_format=FILE_FORMAT, **kwargs)
+  return cls(config=builder_config, data_dir=expand_data_dir(data_dir), file_format=FILE_FORMAT,
+             **kwargs)
 
 
 def load_builder(name: str, builder_config: str, data_dir: Optional[str] = None):
