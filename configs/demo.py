@@ -6,7 +6,7 @@ Builds the `udajax_demo` TFDS dataset on first use (seconds), trains source-only
 `source` domain, then adapts to the `target` domain with the paper's objectives (clustering,
 orthogonality, sparsity, IW max-square) from that model, and prints the target per-class IoU
 of both. Same code path as the paper configs, only smaller. Measured on 2 CPU cores: 2 min 4 s
-and 2 min 35 s on an idle Intel Xeon VM with AVX-512, dataset built (README, "Quick start").
+to 2 min 53 s on an idle Intel Xeon VM with AVX-512, dataset built (README, "Quick start").
 Expect (target val mIoU, docs/RESULTS.md): on that machine (jax 0.10.2), source-only 24.8 ->
 adapted 38.8 for seed 0, and 24.9 +- 1.4 -> 35.4 +- 4.6 over seeds 0-2. The digits depend on
 the CPU type (XLA compiles per CPU) and on the float32 summation order of the code version:
