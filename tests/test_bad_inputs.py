@@ -106,6 +106,17 @@ def test_missing_dataset_names_the_build_command(demo_data_dir, tmp_path):
   assert "gta5/1280x720 is not built" in msg and "python data_prep/build_datasets.py gta5" in msg
 
 
+def test_training_run_checks_its_eval_set_before_the_first_step(demo_data_dir, tmp_path):
+  """An eval set whose folder exists but holds no built version (an interrupted or older build)
+  stops a training run in `prepare_datasets`, not at its first evaluation."""
+  os.symlink(os.path.join(demo_data_dir, "udajax_demo"), tmp_path / "udajax_demo")
+  (tmp_path / "cityscapes" / "1024x512").mkdir(parents=True)
+  c = train_cli.config(str(tmp_path), **{"eval.name": "cityscapes",
+                                         "eval.builder_config": "1024x512"})
+  with pytest.raises(datasets.DatasetNotBuiltError, match=r"looked for .*1024x512.1\.0\.0"):
+    data.prepare_datasets(c, training=True)
+
+
 def test_training_crop_larger_than_stored_images(demo_data_dir):
   c = train_cli.config(demo_data_dir, **{"source.image_size": (192, 384)})
   with pytest.raises(configuration.ConfigError) as info:

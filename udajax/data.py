@@ -20,8 +20,10 @@ def prepare_datasets(config, *, training: bool = True) -> None:
   """Builds the demo dataset on first use (it needs no download) and checks what the run reads.
 
   `training`: the source (and, in UDA mode, target) datasets and their crop sizes are checked
-  too; otherwise (evaluation, prediction) only the eval dataset. A real dataset that is not built
-  raises DatasetNotBuiltError naming the command that builds it. All processes must call this.
+  too; otherwise (evaluation, prediction) only the eval dataset. The eval dataset is opened in
+  full either way, so a training run with a bad eval set stops before its first step. A real
+  dataset that is not built raises DatasetNotBuiltError naming the command that builds it. All
+  processes must call this.
   """
   domains = dataset_paths.run_domains(config, training=training)
   dataset_paths.require_built(config, domains)
@@ -29,11 +31,11 @@ def prepare_datasets(config, *, training: bool = True) -> None:
     from udajax import datasets
     datasets.ensure_demo_built(config.data_dir)
   multihost.barrier("datasets_ready", timeout_s=3600)  # process 0 may be building the demo data
+  from udajax import datasets
+  # The eval set in full (version, file format) now, not at the first evaluation of a training run.
+  datasets.load_builder(config.eval.name, config.eval.builder_config, config.data_dir)
   if training:
     check_train_sizes(config)
-  else:
-    from udajax import datasets
-    datasets.load_builder(config.eval.name, config.eval.builder_config, config.data_dir)
 
 
 def check_train_sizes(config) -> None:
