@@ -1,19 +1,32 @@
 """Every config loads and validates; the paper's settings are in them; bad keys/values fail."""
 
+import glob
 import importlib
+import os
 
 import pytest
 
 from udajax import configuration
+from udajax import dataset_paths
 
 CONFIGS = ["gta", "gta_source", "gta_vgg", "gta_vgg_source", "synthia", "synthia_source",
-           "synthia_vgg", "synthia_vgg_source", "demo"]
+           "synthia_vgg", "synthia_vgg_source", "demo", "gta_minent", "gta_maxsquare",
+           "gta_adversarial", "synthia_minent", "synthia_maxsquare", "synthia_adversarial"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_is_valid(name):
+  """Every config file validates and names existing datasets and builder configs."""
   config = importlib.import_module(f"configs.{name}").get_config()
   configuration.validate_config(config)
+  for domain in ("source", "target", "eval"):
+    dataset_paths.check_name(config, domain)
+
+
+def test_every_config_file_is_listed():
+  files = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.py"))}
+  assert files - {"__init__", "baselines"} == set(CONFIGS)
 
 
 # (lambda_cl, lambda_or, lambda_sp, lambda_em, iw_ratio, classes, source crop (H, W), backbone)
