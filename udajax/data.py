@@ -25,13 +25,13 @@ def prepare_datasets(config, *, training: bool = True) -> None:
   dataset that is not built raises DatasetNotBuiltError naming the command that builds it. All
   processes must call this.
   """
+  from udajax import datasets
   domains = dataset_paths.run_domains(config, training=training)
   dataset_paths.require_built(config, domains)
-  if any(config[d].name == "udajax_demo" for d in domains) and jax.process_index() == 0:
-    from udajax import datasets
+  auto_built = any(config[d].name in dataset_paths.AUTO_BUILT for d in domains)
+  if auto_built and jax.process_index() == 0:
     datasets.ensure_demo_built(config.data_dir)
   multihost.barrier("datasets_ready", timeout_s=3600)  # process 0 may be building the demo data
-  from udajax import datasets
   # The eval set in full (version, file format) now, not at the first evaluation of a training run.
   datasets.load_builder(config.eval.name, config.eval.builder_config, config.data_dir)
   if training:
