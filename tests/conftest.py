@@ -57,9 +57,6 @@ def pytest_sessionstart(session):
 # multi-process start-up test as it runs now). With `--dist loadfile` the files are handed to the
 # xdist workers longest first: xdist's own order (by number of tests) left the slow one-test
 # multi-process files to run alone at the end. Unlisted files go first, in collection order.
-# The figures are those of 2026-12-04 on purpose: the order they give (the multi-process test
-# 4th) ran the cold suite in 5 min 38 s to 5 min 49 s on 2026-12-05 (2-core Intel Xeon VM,
-# AVX-512, 41502cb), the order from that day's own per-file times in 6 min 18 s.
 FILE_SECONDS = {
     "test_methods.py": 222, "test_step_modes.py": 164, "test_train_step.py": 132,
     "test_multihost.py": 110, "test_embeddings.py": 103, "test_resume.py": 91,
