@@ -252,9 +252,10 @@ def test_baseline_configs_differ_from_the_paper_config_only_in_the_objective(nam
 def test_adversarial_training_logs_and_resumes_exactly(tmp_path, tmp_path_factory):
   """train_and_evaluate on the demo data (tiny model in bfloat16 with remat, 4 devices x 1
   image): the discriminator's loss and per-domain accuracy are logged; the discriminator stays
-  float32 and every one of its tensors got an Adam update; a run resumed from the uninterrupted
-  run's step-2 checkpoint (copied into a new work directory) ends with the same segmenter params
-  and the same discriminator params and Adam state as the uninterrupted run (bit for bit).
+  float32 and every one of its tensors got Adam updates and moved; a run resumed from the
+  uninterrupted run's step-2 checkpoint (copied into a new work directory) ends with the same
+  segmenter params and the same discriminator params and Adam state as the uninterrupted run
+  (bit for bit).
   Stopping a run at `train.stop_step` is tested in tests/test_trainer.py."""
   from tests.test_trainer import event_tags, tiny_demo_config
   from tests import train_cli
@@ -293,6 +294,9 @@ def test_adversarial_training_logs_and_resumes_exactly(tmp_path, tmp_path_factor
   assert all(v.dtype in (np.float32, np.int32) for v in la.values())
   moments = [k for k in la if "opt_state" in k and not k.endswith(".count")]
   assert len(moments) == 20 and all(np.any(la[k] != 0) for k in moments), moments
+  fresh = trainer.initial_state(config(), checkpoints.checkpoint_manager(str(tmp_path / "new"), 2))
+  init = disc_leaves(fresh)  # the state a run starts from: every discriminator param moved
+  assert all(np.any(la[k] != init[k]) for k in la if "params" in k)
   for k in la:
     np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
