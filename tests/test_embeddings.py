@@ -158,8 +158,10 @@ def tiny_config(data_dir):
       "eval.embedding_images": 6, "eval.embedding_points_per_class": 20})
 
 
-TINY_FLAGS = ["--config=configs/demo.py", "--config.model.base_width=4",
-              "--config.eval.split=validation[:8]", "--config.eval.batch_size_per_device=2"]
+# configs/demo.py with these values: the command line's flags and the library call's config.
+TINY_OVERRIDES = {"model.base_width": 4, "eval.split": "validation[:8]",
+                  "eval.batch_size_per_device": 2}
+TINY_FLAGS = ["--config=configs/demo.py"] + [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
 
 
 def _run_cli(*args, timeout=300):
@@ -214,8 +216,7 @@ def test_cli_workdir_and_converted_checkpoint(trained, demo_data_dir, tmp_path):
   converted = checkpoints.save_variables(str(tmp_path / "converted"), variables)
   out2 = tmp_path / "out2"
   config = importlib.import_module("configs.demo").get_config()
-  config.data_dir, config.model.base_width = demo_data_dir, 4
-  config.eval.split, config.eval.batch_size_per_device = "validation[:8]", 2  # as TINY_FLAGS
+  config.update_from_flattened_dict({**TINY_OVERRIDES, "data_dir": demo_data_dir})
   embeddings.measure_checkpoint(config, converted, str(out2), num_images=5, points_per_class=7)
   second = json.loads((out2 / "embeddings.json").read_text())
   assert second["step"] is None

@@ -75,12 +75,17 @@ def _compiled_loss_and_grads(config, state, batch):
 MODES = {"plain": ("float32", False), "remat": ("float32", True), "bfloat16": ("bfloat16", False)}
 
 
+def modes_batch():
+  """The one batch of the `modes` fixture (the same draw every call)."""
+  return make_batch(np.random.default_rng(1), source_hw=(96, 160), target_hw=(80, 128))
+
+
 @pytest.fixture(scope="module")
 def modes():
   """{mode: (compiled, outputs, replicated state)} of loss_and_grads in float32, float32 with
   remat and bfloat16: the same parameters (float32 in every mode, with a 30x classifier) and the
   same batch. The float32 compile serves the remat and the bfloat16 comparisons alike."""
-  batch = make_batch(np.random.default_rng(1), source_hw=(96, 160), target_hw=(80, 128))
+  batch = modes_batch()
   # Decisive class scores: the target class assignments are argmaxes, which bf16 rounding could
   # flip at a near-tie (a discrete change of the clustering terms, not a bf16 error).
   state = replicated_state(small_config(), scale_head=30.0)
@@ -124,8 +129,7 @@ def test_bfloat16_step_loss_terms_within_bf16_tolerance_of_float32(modes):
   state = modes["bfloat16"][2]
   config = small_config("bfloat16")
   step = ts.make_p_train_step(config, devices=jax.devices()[:1], donate=False)
-  batch = make_batch(np.random.default_rng(1), source_hw=(96, 160), target_hw=(80, 128))
-  new_state, metrics = jax.eval_shape(step, state, batch)
+  new_state, metrics = jax.eval_shape(step, state, modes_batch())
   assert float32_leaves(new_state.params) and float32_leaves(new_state.opt_state)
   assert float32_leaves(new_state.batch_stats) and float32_leaves(new_state.centroid_state)
   assert set(metrics) == set(m32) | {"lr", "finite"}
