@@ -283,18 +283,25 @@ def test_pmap_step_with_defaults_equals_reference():
 # Other step properties.
 
 
+def abstract_step_inputs(config, n=2):
+  """(replicated state, batch of `n` images) for the 1-device step, as shapes only: enough to
+  trace the step, nothing initialised or compiled."""
+  state = jax.eval_shape(lambda: ts.create_train_state(
+      config, ts.init_variables(config, jax.random.PRNGKey(0)), jax.random.PRNGKey(1)))
+  rstate = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype), state)
+  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 per_device(make_batch(n, np.random.default_rng(1)), 1))
+  return rstate, batch
+
+
 def test_zero_lambda_removes_term():
   """lambda_or = 0 drops the orthogonality term from the step (its metrics), not only its
   weight; the step is traced (`jax.eval_shape`), not compiled. The stem BN stays frozen and
   every other leaf moves in the real steps of `test_pmap_step_with_defaults_equals_reference`
   and the NaN-guard test below."""
   config = tiny_config("uda")
-  state = jax.eval_shape(lambda: ts.create_train_state(
-      config, ts.init_variables(config, jax.random.PRNGKey(0)), jax.random.PRNGKey(1)))
-  rstate = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype), state)
-  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 per_device(make_batch(2, np.random.default_rng(1)), 1))
+  rstate, batch = abstract_step_inputs(config)
 
   def metric_names(lambda_or):
     config.loss.lambda_or = lambda_or
@@ -421,11 +428,8 @@ def test_finite_flag_is_exact_and_compiled_once_not_into_every_update():
   ands = hlo.count(" and(")
   assert ands < 2 * n, f"{ands} AND instructions for {n} leaves: the flag is copied per update"
 
-  # And the train step computes its flag this way (traced only, not compiled).
+  # And the train step computes its flag this way (traced only: nothing initialised or compiled).
   config = tiny_config("uda", sync_bn=False)
-  state = ts.create_train_state(config, ts.init_variables(config, jax.random.PRNGKey(0)),
-                                jax.random.PRNGKey(1))
   step = ts.make_p_train_step(config, devices=jax.devices()[:1], donate=False)
-  batch = per_device(make_batch(1, np.random.default_rng(0)), 1)
-  jaxpr = str(jax.make_jaxpr(step)(ts.replicate(state, jax.devices()[:1]), batch))
+  jaxpr = str(jax.make_jaxpr(step)(*abstract_step_inputs(config, n=1)))
   assert "cumsum" in jaxpr
