@@ -110,8 +110,9 @@ def test_bfloat16_step_loss_terms_within_bf16_tolerance_of_float32(modes):
   # cosines of nearly orthogonal centroids) and sparsity (a difference of two nearly equal
   # sums) are small results of cancellation, so the same absolute error is a larger relative
   # one: 1e-1 there. The clustering terms (L1 distances of features to centroids that are
-  # themselves means of those features) depend on the draw: 2e-2. Measured (this model and
-  # batch size, batches drawn with seeds 1 (the one used) / 5 / 7; 2-core Intel Xeon, AVX-512):
+  # themselves means of those features) depend on the draw: 2e-2. Measured with
+  # `benchmarks/bf16_loss_terms.py` (this model and batch size, batches drawn with seeds 1 (the
+  # one used) / 5 / 7; 2-core Intel Xeon, AVX-512):
   # ce <= 3.0e-3, total <= 3.0e-3, em <= 4.6e-3, c_dist <= 2.2e-3, clustering <= 6.1e-3,
   # f_dist_* <= 8.9e-3, orthogonality 8.0e-3 / 2.4e-2 / 3.5e-2, sparsity 2.2e-2 / 1.3e-2 /
   # 6.8e-2. A float32 softmax or loss sum done in bf16 instead, or bf16 parameters, breaks the
